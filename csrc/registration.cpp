@@ -1,0 +1,42 @@
+// The charmlp operator library: every schema in one place. Kernels register themselves per backend
+// (TORCH_LIBRARY_IMPL for CPU, CUDA and Autograd) in the op-family files beside this one; fake (meta)
+// kernels for torch.compile live in charmlp_fast/ops.py.
+//
+// Dimension names used throughout: B batch, T context (block_size), E embedding, H hidden, V vocabulary.
+// `reduction` follows at::Reduction: 0 none, 1 mean, 2 sum.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import charmlp_fast._C` loads this shared library, which runs the static registrations below.
+// The module itself is empty: the ops are reached through torch.ops.charmlp.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(charmlp, m) {
+  // ---- embed + linear + tanh -------------------------------------------------------------------
+  // h = tanh(C[idx].view(B, T*E) @ W1 + b1); idx (B, T) int64/int32, C (V, E), W1 (T*E, H), b1 (H) -> h (B, H)
+  m.def("embed_linear_tanh(Tensor idx, Tensor C, Tensor W1, Tensor b1) -> Tensor");
+  // -> (grad_C (V, E), grad_W1 (T*E, H), grad_b1 (H)), from h saved by the forward.
+  m.def("embed_linear_tanh_backward(Tensor grad_h, Tensor h, Tensor idx, Tensor C, Tensor W1) -> (Tensor, Tensor, Tensor)");
+
+  // ---- softmax cross-entropy -------------------------------------------------------------------
+  // F.cross_entropy semantics for logits (B, V) and targets (B,).
+  m.def("cross_entropy(Tensor logits, Tensor targets, int reduction=1, int ignore_index=-100) -> Tensor");
+  // -> (loss, lse (B,) float32 log-sum-exp per row, saved for the backward)
+  m.def("cross_entropy_forward(Tensor logits, Tensor targets, int reduction, int ignore_index) -> (Tensor, Tensor)");
+  // -> grad_logits (B, V)
+  m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, int reduction, int ignore_index) -> Tensor");
+
+  // ---- linear + cross-entropy (the output layer fused with the loss) ---------------------------
+  // loss of logits = h @ W2 + b2 without materialising (B, V); h (B, H), W2 (H, V), b2 (V), targets (B,)
+  m.def("linear_cross_entropy(Tensor h, Tensor W2, Tensor b2, Tensor targets, int reduction=1, int ignore_index=-100) -> Tensor");
+  m.def("linear_cross_entropy_forward(Tensor h, Tensor W2, Tensor b2, Tensor targets, int reduction, int ignore_index) -> (Tensor, Tensor)");
+  // -> (grad_h (B, H), grad_W2 (H, V), grad_b2 (V))
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor h, Tensor W2, Tensor b2, Tensor targets, Tensor lse, int reduction, int ignore_index) -> (Tensor, Tensor, Tensor)");
+
+  // ---- whole-training ops (persistent SGD) -----------------------------------------------------
+}

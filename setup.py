@@ -1,0 +1,81 @@
+"""Build charmlp_fast._C from csrc/.
+
+C++ sources are always built. CUDA sources (csrc/*.cu) are built whenever the installed torch is a CUDA
+build and nvcc is found (CUDA_HOME), even when no GPU is visible, so that a .cu that does not compile
+never lands. Set CHARMLP_CUDA=0 to force a CPU-only build (fast iteration), CHARMLP_CUDA=1 to require CUDA.
+"""
+import glob
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+import torch
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+CSRC = ROOT / "csrc"
+
+
+def want_cuda() -> bool:
+    env = os.environ.get("CHARMLP_CUDA", "auto").lower()
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if env in ("0", "false", "no"):
+        return False
+    if env in ("1", "true", "yes") and not available:
+        sys.exit(
+            f"CHARMLP_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and "
+            f"CUDA_HOME={cpp_extension.CUDA_HOME!r}: install a CUDA build of torch and set CUDA_HOME"
+        )
+    return available
+
+
+def cuda_include_dirs() -> list[str]:
+    """Headers torch's CUDA build includes (cuBLAS, cuSPARSE, ...) live in the pip 'nvidia' packages,
+    not in a toolkit that may be older or newer than torch's; put them on the include path."""
+    dirs = []
+    try:
+        import nvidia  # namespace package shipped with the CUDA build of torch
+
+        for base in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+            dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    except ImportError:
+        pass
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def extensions():
+    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
+    cxx_flags = ["-O3", "-std=c++17"]
+    if want_cuda():
+        # sm_80 (A100) and sm_90 (H100/H200) unless the user chose otherwise.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
+        return [
+            cpp_extension.CUDAExtension(
+                "charmlp_fast._C",
+                sources,
+                include_dirs=[str(CSRC)] + cuda_include_dirs(),
+                define_macros=[("WITH_CUDA", None)],
+                extra_compile_args={
+                    "cxx": cxx_flags,
+                    # No --use_fast_math: tanh/exp must stay within 1e-5 of the float64 reference.
+                    "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
+                },
+            )
+        ]
+    return [
+        cpp_extension.CppExtension(
+            "charmlp_fast._C",
+            sources,
+            include_dirs=[str(CSRC)],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,37 @@
+"""Comparison helpers that say where and how much two tensors differ."""
+from __future__ import annotations
+
+import torch
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0,
+                 name: str = "tensor", worst: int = 5) -> None:
+    """Elementwise |actual - expected| <= atol + rtol * |expected|; on failure list the worst elements."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    if a.numel() == 0:
+        return
+    assert torch.isfinite(a).all() or not torch.isfinite(e).all(), f"{name}: non-finite values in result"
+    err = (a - e).abs()
+    excess = err - (atol + rtol * e.abs())
+    if (excess <= 0).all():
+        return
+    flat = excess.flatten()
+    k = min(worst, flat.numel())
+    idx = flat.topk(k).indices
+    lines = [f"{name}: {int((excess > 0).sum())} of {a.numel()} elements exceed atol={atol:g} + rtol={rtol:g}*|expected|"]
+    for i in idx.tolist():
+        pos = tuple(int(c) for c in torch.unravel_index(torch.tensor(i), a.shape))
+        ai, ei = a.flatten()[i].item(), e.flatten()[i].item()
+        rel = abs(ai - ei) / max(abs(ei), 1e-300)
+        lines.append(f"  at {pos}: actual {ai:.10g} expected {ei:.10g} abs err {abs(ai - ei):.3g} rel err {rel:.3g}")
+    raise AssertionError("\n".join(lines))
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e| — a norm-wise relative error, robust to elements that are near zero."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if e.numel() == 0:
+        return 0.0
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()

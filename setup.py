@@ -47,7 +47,8 @@ def cuda_include_dirs() -> list[str]:
 
 def extensions():
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension picks the standard the installed torch needs (C++20 from 2.13 on).
+    cxx_flags = ["-O3"]
     if want_cuda():
         # sm_80 (A100) and sm_90 (H100/H200) unless the user chose otherwise.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -61,7 +62,7 @@ def extensions():
                 extra_compile_args={
                     "cxx": cxx_flags,
                     # No --use_fast_math: tanh/exp must stay within 1e-5 of the float64 reference.
-                    "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
+                    "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
                 },
             )
         ]

@@ -1,0 +1,65 @@
+"""CharMLP: the seed's model as an nn.Module, with a choice of implementation for the same parameters."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from charmlp_fast import reference
+
+IMPLS = ("reference", "fused")  # per-step implementations of forward/backward; the trainer adds whole-loop ones
+
+
+class CharMLP(nn.Module):
+    """Embedding C (V, E) -> concatenated context (B, T*E) -> tanh(x @ W1 + b1) (B, H) -> h @ W2 + b2 (B, V).
+
+    Parameters are stored in the seed's layouts (x @ W, not nn.Linear's transpose) and initialised exactly as
+    the seed does, so a CharMLP and reference.init_params(...) start bit-for-bit equal.
+    impl="reference" runs the seed's plain-PyTorch forward; impl="fused" runs the charmlp C++/CUDA ops
+    (embed_linear_tanh, then linear_cross_entropy when only the loss is needed).
+    """
+
+    def __init__(self, vocab_size: int, block_size: int = 3, n_embd: int = 10, n_hidden: int = 200,
+                 impl: str = "reference", seed: int = reference.SEED):
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("n_embd", n_embd),
+                            ("n_hidden", n_hidden)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl == "fused":
+            from charmlp_fast import ops
+
+            ops.require_extension()
+        self.vocab_size, self.block_size, self.n_embd, self.n_hidden = vocab_size, block_size, n_embd, n_hidden
+        self.impl = impl
+        C, W1, b1, W2, b2 = reference.init_params(vocab_size, block_size, n_embd, n_hidden, seed)
+        self.C, self.W1, self.b1 = nn.Parameter(C), nn.Parameter(W1), nn.Parameter(b1)
+        self.W2, self.b2 = nn.Parameter(W2), nn.Parameter(b2)
+
+    def params(self) -> list[nn.Parameter]:
+        """The five parameters in the seed's order [C, W1, b1, W2, b2]."""
+        return [self.C, self.W1, self.b1, self.W2, self.b2]
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """h (B, H) for contexts idx (B, T)."""
+        if self.impl == "fused":
+            from charmlp_fast import ops
+
+            return ops.embed_linear_tanh(idx, self.C, self.W1, self.b1)
+        emb = self.C[idx]  # (B, T, E)
+        return torch.tanh(emb.view(-1, self.block_size * self.n_embd) @ self.W1 + self.b1)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (B, V), loss) — with impl="fused" and targets given, logits is None: the fused output
+        layer computes the loss without ever materialising them."""
+        h = self.hidden(idx)
+        if self.impl == "fused" and targets is not None:
+            from charmlp_fast import ops
+
+            return None, ops.linear_cross_entropy(h, self.W2, self.b2, targets)
+        logits = torch.addmm(self.b2, h, self.W2) if self.impl == "fused" else h @ self.W2 + self.b2
+        loss = None if targets is None else F.cross_entropy(logits, targets)
+        return logits, loss

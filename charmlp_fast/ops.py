@@ -32,10 +32,17 @@ def require_extension() -> None:
         )
 
 
-def cuda_kernels_built() -> bool:
-    """True when the extension was compiled with its CUDA kernels."""
-    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "charmlp::embed_linear_tanh", "CUDA"
+def kernels_built(device_type: str) -> bool:
+    """True when the extension has the fused model's kernels for device_type ("cpu" or "cuda")."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return (
+        HAS_EXTENSION
+        and key is not None
+        and all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", key)
+            for op in ("embed_linear_tanh", "embed_linear_tanh_backward",
+                       "linear_cross_entropy_forward", "linear_cross_entropy_backward")
+        )
     )
 
 

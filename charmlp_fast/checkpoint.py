@@ -1,0 +1,92 @@
+"""Checkpoints: the five parameters as safetensors, with the config and vocabulary in its metadata.
+
+Writes are atomic (temporary file in the same directory, fsync, rename), so an interrupted run never leaves a
+truncated checkpoint behind: the old file stays until the new one is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from charmlp_fast.data import Vocab
+from charmlp_fast.model import CharMLP
+
+PARAM_NAMES = ("C", "W1", "b1", "W2", "b2")
+FORMAT = "charmlp_fast/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit; the message is one line meant for the user."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, model: CharMLP, vocab: Vocab, config: dict,
+                    extra: dict | None = None) -> None:
+    """Parameters in the seed's layouts; metadata: format, model sizes, vocabulary, training config, extras."""
+    tensors = {name: p.detach().cpu().contiguous() for name, p in zip(PARAM_NAMES, model.params())}
+    metadata = {
+        "format": FORMAT,
+        "model": json.dumps({"vocab_size": model.vocab_size, "block_size": model.block_size,
+                             "n_embd": model.n_embd, "n_hidden": model.n_hidden}),
+        "vocab": json.dumps(list(vocab.itos)),
+        "config": json.dumps(config),
+        "extra": json.dumps(extra or {}),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_checkpoint(path: str | os.PathLike, impl: str = "reference", device: str | torch.device = "cpu"
+                    ) -> tuple[CharMLP, Vocab, dict, dict]:
+    """-> (model, vocab, training config, extras). Raises CheckpointError with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {e}") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a charmlp_fast checkpoint (format {metadata.get('format')!r})")
+    try:
+        sizes = json.loads(metadata["model"])
+        vocab = Vocab(tuple(json.loads(metadata["vocab"])))
+        config = json.loads(metadata["config"])
+        extra = json.loads(metadata.get("extra", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} has damaged metadata: {e}") from None
+    model = CharMLP(**sizes, impl=impl)
+    expected = {name: tuple(p.shape) for name, p in zip(PARAM_NAMES, model.params())}
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if found != expected:
+        raise CheckpointError(f"{path}: parameter shapes {found} do not match the model sizes {sizes}")
+    if len(vocab) != sizes["vocab_size"]:
+        raise CheckpointError(f"{path}: vocabulary of {len(vocab)} tokens but vocab_size {sizes['vocab_size']}")
+    with torch.no_grad():
+        for name, p in zip(PARAM_NAMES, model.params()):
+            p.copy_(tensors[name])
+    return model.to(device), vocab, config, extra

@@ -1,0 +1,153 @@
+"""The trainer end to end on CPU: smoke run, checkpoint round trip, sampling, and one-line CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from charmlp_fast import checkpoint as ckpt
+from charmlp_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from charmlp_fast.data import Vocab
+from charmlp_fast.model import CharMLP
+from charmlp_fast.sample import sample_names
+from charmlp_fast.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def words_file(tmp_path) -> Path:
+    rng = random.Random(3)
+    syllables = ["an", "na", "el", "la", "ri", "mo", "ka", "ly", "jo", "se", "th", "ia"]
+    words = {"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(3000)}
+    path = tmp_path / "words.txt"
+    path.write_text("\n".join(sorted(words)) + "\n", encoding="utf-8")
+    return path
+
+
+def run_cli(module: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd or ROOT,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_smoke_training_checkpoint_and_sampling(tmp_path, words_file, impl):
+    cfg = TrainConfig(data=str(words_file), steps=600, lr_decay_step=400, eval_every=200, log_every=100,
+                      device="cpu", impl=impl, out=str(tmp_path / "run"), num_samples=5, n_hidden=64)
+    metrics = train(cfg, progress=False)
+    curve = [d["dev_loss"] for d in metrics["dev_curve"]]
+    assert len(curve) == 3 and curve[-1] < curve[0] < 4.0  # the loss decreases from the first evaluation on
+    assert metrics["losses"]["train"] < 2.6
+    assert len(metrics["samples"]) == 5
+
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["losses"] == metrics["losses"] and saved["config"]["steps"] == 600
+
+    model, vocab, config, extra = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert config["n_hidden"] == 64 and extra["step"] == 600
+    assert model.n_hidden == 64 and len(vocab) == model.vocab_size
+    # The checkpoint holds the trained parameters: its samples equal those printed at the end of training.
+    assert sample_names(model, vocab, 5) == metrics["samples"]
+
+    result = run_cli("charmlp_fast.sample", "--checkpoint", str(tmp_path / "run" / "model.safetensors"),
+                     "-n", "4", "--seed", "1", "--temperature", "0.7")
+    assert result.returncode == 0, result.stderr
+    names = result.stdout.split()
+    assert len(names) == 4 and all(set(n) <= set(vocab.itos[1:]) for n in names)
+
+
+def test_cli_trains_and_writes_outputs(tmp_path, words_file):
+    result = run_cli("charmlp_fast.train", "--data", str(words_file), "--steps", "300", "--device", "cpu",
+                     "--out", str(tmp_path / "out"), "--num-samples", "3", "--n-hidden", "32")
+    assert result.returncode == 0, result.stderr
+    assert "config: TrainConfig(" in result.stdout
+    assert "dev" in result.stdout and "samples:" in result.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{missing}"], "data file not found"),
+    (["--data", "{empty}"], "holds no words"),
+    (["--data", "{blank}"], "holds no words"),
+    (["--data", "{binary}"], "not valid UTF-8"),
+    (["--steps", "0"], "--steps: expected a positive integer, got 0"),
+    (["--n-hidden", "-3"], "--n-hidden: expected a positive integer, got -3"),
+    (["--block-size", "x"], "--block-size: expected a positive integer, got 'x'"),
+    (["--lr", "-1"], "--lr: expected a positive finite number, got -1"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--impl", "magic"], "argument --impl: invalid choice"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    files = {"missing": tmp_path / "missing.txt", "empty": tmp_path / "empty.txt", "blank": tmp_path / "blank.txt",
+             "binary": tmp_path / "binary.txt"}
+    files["empty"].write_bytes(b"")
+    files["blank"].write_bytes(b"\n \n\n")
+    files["binary"].write_bytes(b"ab\n\xc3\x28\n")
+    args = [a.format(**files) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(ROOT / "tests" / "conftest.py")]  # any readable file: errors come first
+    result = run_cli("charmlp_fast.train", *args, "--out", str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without a GPU")
+def test_cli_cuda_without_gpu(tmp_path, words_file):
+    result = run_cli("charmlp_fast.train", "--data", str(words_file), "--device", "cuda", "--out", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "no CUDA device is visible" in result.stderr.strip()
+
+
+def test_sample_cli_bad_checkpoint(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    for path, message in ((bad, "not a readable safetensors checkpoint"), (tmp_path / "none", "not found")):
+        result = run_cli("charmlp_fast.sample", "--checkpoint", str(path))
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    vocab = Vocab.from_words(["ab", "ba"])
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, CharMLP(len(vocab), n_hidden=8), vocab, {"steps": 1})
+    before = path.read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):  # dies half-way through writing the new checkpoint
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, CharMLP(len(vocab), n_hidden=8, seed=1), vocab, {"steps": 2})
+    assert path.read_bytes() == before  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left behind
+    load_checkpoint(path)
+
+
+def test_checkpoint_mismatch_is_a_clear_error(tmp_path):
+    vocab = Vocab.from_words(["ab", "ba"])
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, CharMLP(len(vocab), n_hidden=8), vocab, {})
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["W1"] = torch.randn(5, 5)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match="do not match the model sizes"):
+        load_checkpoint(path)

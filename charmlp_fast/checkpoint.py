@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,24 +42,34 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+@dataclass
+class Checkpoint:
+    model: CharMLP
+    vocab: Vocab
+    config: dict  # the training config that wrote it (TrainConfig as a dict)
+    extra: dict = field(default_factory=dict)  # JSON-able training state, e.g. {"step": 1000}
+    tensors: dict = field(default_factory=dict)  # tensor-valued training state, e.g. the sampler's RNG state
+
+
 def save_checkpoint(path: str | os.PathLike, model: CharMLP, vocab: Vocab, config: dict,
-                    extra: dict | None = None) -> None:
-    """Parameters in the seed's layouts; metadata: format, model sizes, vocabulary, training config, extras."""
-    tensors = {name: p.detach().cpu().contiguous() for name, p in zip(PARAM_NAMES, model.params())}
+                    extra: dict | None = None, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Parameters in the seed's layouts, plus `tensors` (training state) under "state." names; metadata: format,
+    model sizes, vocabulary, training config and `extra`."""
+    out = {name: p.detach().cpu().contiguous() for name, p in zip(PARAM_NAMES, model.params())}
+    out.update({f"state.{k}": v.detach().cpu().contiguous() for k, v in (tensors or {}).items()})
     metadata = {
         "format": FORMAT,
         "model": json.dumps({"vocab_size": model.vocab_size, "block_size": model.block_size,
                              "n_embd": model.n_embd, "n_hidden": model.n_hidden}),
-        "vocab": json.dumps(list(vocab.itos)),
+        "vocab": json.dumps({"itos": list(vocab.itos), "sep": vocab.sep}),
         "config": json.dumps(config),
         "extra": json.dumps(extra or {}),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(out, tmp, metadata=metadata))
 
 
-def load_checkpoint(path: str | os.PathLike, impl: str = "reference", device: str | torch.device = "cpu"
-                    ) -> tuple[CharMLP, Vocab, dict, dict]:
-    """-> (model, vocab, training config, extras). Raises CheckpointError with one clear line."""
+def load_checkpoint(path: str | os.PathLike, impl: str = "reference", device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by save_checkpoint; any problem is a CheckpointError with one clear line."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -74,14 +85,15 @@ def load_checkpoint(path: str | os.PathLike, impl: str = "reference", device: st
         raise CheckpointError(f"{path} is not a charmlp_fast checkpoint (format {metadata.get('format')!r})")
     try:
         sizes = json.loads(metadata["model"])
-        vocab = Vocab(tuple(json.loads(metadata["vocab"])))
+        v = json.loads(metadata["vocab"])
+        vocab = Vocab(tuple(v["itos"]), v["sep"])
         config = json.loads(metadata["config"])
         extra = json.loads(metadata.get("extra", "{}"))
-    except (KeyError, json.JSONDecodeError) as e:
+        model = CharMLP(**sizes, impl=impl)
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has damaged metadata: {e}") from None
-    model = CharMLP(**sizes, impl=impl)
     expected = {name: tuple(p.shape) for name, p in zip(PARAM_NAMES, model.params())}
-    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    found = {name: tuple(tensors[name].shape) for name in PARAM_NAMES if name in tensors}
     if found != expected:
         raise CheckpointError(f"{path}: parameter shapes {found} do not match the model sizes {sizes}")
     if len(vocab) != sizes["vocab_size"]:
@@ -89,4 +101,5 @@ def load_checkpoint(path: str | os.PathLike, impl: str = "reference", device: st
     with torch.no_grad():
         for name, p in zip(PARAM_NAMES, model.params()):
             p.copy_(tensors[name])
-    return model.to(device), vocab, config, extra
+    state = {k[len("state."):]: t for k, t in tensors.items() if k.startswith("state.")}
+    return Checkpoint(model.to(device), vocab, config, extra, state)

@@ -1,13 +1,13 @@
-"""Sample names from a trained model: the seed's loop, one character at a time from a seeded generator.
+"""Sample names (or sentences) from a trained model: the seed's loop, one token at a time from a seeded generator.
 
-    python -m charmlp_fast.sample --checkpoint out/model.safetensors -n 20 --seed 2147483657 --temperature 1.0
+    python -m charmlp_fast.sample --checkpoint out/model.safetensors -n 20 --temperature 0.8 --top-k 5 --prefix ma
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from charmlp_fast.cli import ArgumentParser, positive_float, positive_int, run_main
+from charmlp_fast.cli import ArgumentParser, CLIError, positive_float, positive_int, run_main
 from charmlp_fast.data import Vocab
 from charmlp_fast.model import CharMLP
 
@@ -16,17 +16,26 @@ SAMPLE_SEED = 2147483647 + 10  # the seed notebook's sampling generator
 
 @torch.no_grad()
 def sample_names(model: CharMLP, vocab: Vocab, n: int = 20, seed: int = SAMPLE_SEED, temperature: float = 1.0,
-                 max_len: int = 100) -> list[str]:
-    """The seed's sampling loop: start from block_size boundary tokens, draw from softmax(logits / temperature)
-    until the boundary token comes out (or max_len characters)."""
+                 top_k: int | None = None, prefix: str = "", max_len: int = 100) -> list[str]:
+    """The seed's sampling loop: the context starts as block_size boundary tokens (then the prefix's tokens),
+    each token is drawn from softmax(logits / temperature) — over the top_k most likely ones if given — until
+    the boundary token comes out (or max_len tokens)."""
     g = torch.Generator().manual_seed(seed)
-    model_cpu = model if next(model.parameters()).device.type == "cpu" else _cpu_copy(model)
+    model = model if next(model.parameters()).device.type == "cpu" else _cpu_copy(model)
+    start = vocab.encode(vocab.split_text(prefix))
+    if 0 in start:
+        raise CLIError(f"--prefix {prefix!r} contains the boundary token {vocab.itos[0]!r}")
     names = []
     for _ in range(n):
-        out, context = [], [0] * model.block_size
+        out = list(start)
+        context = ([0] * model.block_size + out)[-model.block_size:]
         while len(out) < max_len:
-            logits, _ = model_cpu(torch.tensor([context]))
-            probs = F.softmax(logits / temperature, dim=1)
+            logits, _ = model(torch.tensor([context]))
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.shape[1]:
+                kth = logits.topk(top_k, dim=1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=1)
             ix = torch.multinomial(probs, num_samples=1, generator=g).item()
             context = context[1:] + [ix]
             if ix == 0:
@@ -36,8 +45,13 @@ def sample_names(model: CharMLP, vocab: Vocab, n: int = 20, seed: int = SAMPLE_S
     return names
 
 
+def novelty(samples: list[str], training: set[str]) -> float:
+    """Fraction of samples that are not in the training set."""
+    return sum(s not in training for s in samples) / max(len(samples), 1)
+
+
 def _cpu_copy(model: CharMLP) -> CharMLP:
-    # Sampling is a sequential chain of tiny steps: the CPU beats a GPU round trip per character.
+    # Sampling is a sequential chain of tiny steps: the CPU beats a GPU round trip per token.
     copy = CharMLP(model.vocab_size, model.block_size, model.n_embd, model.n_hidden)
     copy.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     return copy
@@ -45,16 +59,35 @@ def _cpu_copy(model: CharMLP) -> CharMLP:
 
 def main(argv: list[str] | None = None) -> int:
     from charmlp_fast.checkpoint import load_checkpoint
+    from charmlp_fast.data import DataError, load_corpus
 
     p = ArgumentParser(prog="python -m charmlp_fast.sample", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model.safetensors written by charmlp_fast.train")
-    p.add_argument("-n", "--num-samples", type=positive_int, default=20, help="how many names to sample")
+    p.add_argument("-n", "--num-samples", type=positive_int, default=20, help="how many samples to draw")
     p.add_argument("--seed", type=int, default=SAMPLE_SEED, help="sampling generator seed (the seed's + 10)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature (<1 sharper)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--prefix", default="", help="start every sample with these letters (or words)")
+    p.add_argument("--novelty", choices=("auto", "on", "off"), default="auto",
+                   help="report the fraction of samples not in the training split (auto: when the data is found)")
     args = p.parse_args(argv)
-    model, vocab, _, _ = load_checkpoint(args.checkpoint)
-    for name in sample_names(model, vocab, args.num_samples, args.seed, args.temperature):
-        print(name)
+    ckpt = load_checkpoint(args.checkpoint)
+    samples = sample_names(ckpt.model, ckpt.vocab, args.num_samples, args.seed, args.temperature, args.top_k,
+                           args.prefix)
+    for s in samples:
+        print(s)
+    if args.novelty != "off":
+        cfg = ckpt.config
+        try:
+            corpus = load_corpus(cfg.get("data"), ckpt.model.block_size, tokens=cfg.get("tokens", "chars"),
+                                 max_vocab=cfg.get("max_vocab"))
+        except DataError as e:
+            if args.novelty == "on":
+                raise
+            print(f"(no novelty report: {e})")
+            return 0
+        training = {ckpt.vocab.sep.join(seq) for seq in corpus.train_sequences}
+        print(f"novelty: {novelty(samples, training):.0%} of {len(samples)} samples are not in the training split")
     return 0
 
 

@@ -3,6 +3,7 @@
 Every stepper has the same interface, so the trainer does not care how a step is executed:
 
     stepper.run(start_step: int, lrs: Tensor (n,) float32 on the CPU) -> Tensor (n,) float32 losses on the device
+    stepper.state() -> dict[str, Tensor]; stepper.load_state(state)   # what a checkpoint needs to resume exactly
 
 The parameters are updated in place. EagerStepper is the seed's loop (one Python iteration per step) over
 either model implementation; whole-loop steppers (CUDA graph, persistent kernel) live in device_train.py.
@@ -28,6 +29,13 @@ class EagerStepper:
         self.params = model.params()
         # Minibatch indices come from a generator on the data's device: sampling never syncs with the host.
         self.generator = torch.Generator(device=X.device).manual_seed(seed)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The minibatch sampler's position (SGD itself keeps no state)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
 
     def run(self, start_step: int, lrs: torch.Tensor) -> torch.Tensor:
         X, Y, N = self.X, self.Y, self.X.shape[0]

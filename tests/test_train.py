@@ -50,8 +50,9 @@ def test_smoke_training_checkpoint_and_sampling(tmp_path, words_file, impl):
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["losses"] == metrics["losses"] and saved["config"]["steps"] == 600
 
-    model, vocab, config, extra = load_checkpoint(tmp_path / "run" / "model.safetensors")
-    assert config["n_hidden"] == 64 and extra["step"] == 600
+    ck = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    model, vocab = ck.model, ck.vocab
+    assert ck.config["n_hidden"] == 64 and ck.extra["step"] == 600
     assert model.n_hidden == 64 and len(vocab) == model.vocab_size
     # The checkpoint holds the trained parameters: its samples equal those printed at the end of training.
     assert sample_names(model, vocab, 5) == metrics["samples"]
@@ -59,8 +60,9 @@ def test_smoke_training_checkpoint_and_sampling(tmp_path, words_file, impl):
     result = run_cli("charmlp_fast.sample", "--checkpoint", str(tmp_path / "run" / "model.safetensors"),
                      "-n", "4", "--seed", "1", "--temperature", "0.7")
     assert result.returncode == 0, result.stderr
-    names = result.stdout.split()
+    *names, report = result.stdout.splitlines()
     assert len(names) == 4 and all(set(n) <= set(vocab.itos[1:]) for n in names)
+    assert report.startswith("novelty: ") and report.endswith("of 4 samples are not in the training split")
 
 
 def test_cli_trains_and_writes_outputs(tmp_path, words_file):

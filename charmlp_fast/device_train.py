@@ -17,6 +17,18 @@ Both draw minibatch rows with charmlp's Philox keyed by (seed, step, row) (csrc/
 same minibatches on CPU and CUDA, in the persistent kernel and in the graph, and a run cut into chunks equals one
 uncut run. (EagerStepper samples with torch.randint, so its minibatches differ.)
 
+Choosing one (the trainer's "fastest that fits"):
+
+    if PersistentStepper.unsupported_reason(V, T, E, H, batch_size, device) is None:
+        stepper = PersistentStepper(model, Xtr, Ytr, batch_size, seed)      # CPU: always
+    elif GraphStepper.unsupported_reason(device) is None:
+        stepper = GraphStepper(model, Xtr, Ytr, batch_size, seed)           # CUDA, sizes beyond the kernel
+    else:
+        stepper = EagerStepper(model, Xtr, Ytr, batch_size, seed)
+    losses = stepper.run(start, lr_schedule(lr, decay_step, lr_after, start, n))  # per chunk of n steps
+
+Xtr and Ytr must be on the model's device.
+
 Dimension names: M models, B batch, T context, E embedding, H hidden, V vocabulary, S steps.
 """
 from __future__ import annotations
@@ -91,6 +103,28 @@ def _to_device(lrs: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _has_kernel(op: str, key: str) -> bool:
     return ops.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def fused_sgd_steps(params: Sequence[torch.Tensor], X: torch.Tensor, Y: torch.Tensor, seeds: torch.Tensor,
+                    step: torch.Tensor, lrs: torch.Tensor, losses: torch.Tensor, batch_size: int) -> None:
+    """k = len(lrs) SGD steps of one model with the fused per-op kernels, touching only tensors (no host values),
+    so that it can be captured in a CUDA graph: the rows of steps step[0] .. step[0] + k - 1 from Philox
+    (seeds (1,)), then per step h = embed_linear_tanh, loss = linear_cross_entropy, gradients by autograd,
+    p -= lrs[j] * g, losses[j] = loss; finally step += k. params [C, W1, b1, W2, b2] require grad."""
+    k = lrs.shape[0]
+    C, W1, b1, W2, b2 = params
+    rows = torch.ops.charmlp.philox_minibatch(seeds, step, k, batch_size, X.shape[0])[0]  # (k, B)
+    Xb, Yb = X[rows], Y[rows]  # (k, B, T), (k, B)
+    for j in range(k):
+        h = ops.embed_linear_tanh(Xb[j], C, W1, b1)
+        loss = ops.linear_cross_entropy(h, W2, b2, Yb[j])
+        grads = list(torch.autograd.grad(loss, params))
+        with torch.no_grad():
+            torch._foreach_mul_(grads, lrs[j])
+            torch._foreach_sub_(list(params), grads)
+            losses[j].copy_(loss)
+    with torch.no_grad():
+        step.add_(k)
 
 
 # ---- fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing ----------------------------
@@ -202,19 +236,8 @@ class GraphStepper:
 
     def _steps(self, k: int) -> None:
         """k fused SGD steps reading only static buffers: the body that is captured."""
-        C, W1, b1, W2, b2 = self.params
-        rows = torch.ops.charmlp.philox_minibatch(self.seeds, self.step, k, self.batch_size, self.N)[0]  # (k, B)
-        Xb, Yb = self.X[rows], self.Y[rows]  # (k, B, T), (k, B)
-        for j in range(k):
-            h = ops.embed_linear_tanh(Xb[j], C, W1, b1)
-            loss = ops.linear_cross_entropy(h, W2, b2, Yb[j])
-            grads = list(torch.autograd.grad(loss, self.params))
-            with torch.no_grad():
-                torch._foreach_mul_(grads, self.lr_buf[j])
-                torch._foreach_sub_(self.params, grads)
-                self.loss_buf[j].copy_(loss)
-        with torch.no_grad():
-            self.step.add_(k)
+        fused_sgd_steps(self.params, self.X, self.Y, self.seeds, self.step, self.lr_buf[:k], self.loss_buf[:k],
+                        self.batch_size)
 
     def _graph(self, k: int) -> torch.cuda.CUDAGraph:
         graph = self.graphs.get(k)

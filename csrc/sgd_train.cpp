@@ -12,15 +12,22 @@
 #include "sgd_train.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -31,6 +38,9 @@
 
 namespace charmlp {
 namespace cpu_train {
+
+// How the CPU loop computes its matrix products: register-tiled SIMD code, BLAS (at::mm), or by size.
+enum class CpuGemm { kAuto, kSimd, kBlas };
 
 // Raw pointers and sizes of one sgd_train call (M models).
 struct CpuTrainArgs {
@@ -45,6 +55,7 @@ struct CpuTrainArgs {
   int64_t idx_stride;                     // 0 or S * B
   float* losses;                          // (M, num_losses)
   int64_t M, V, E, T, H, B, N, S, start_step, loss_every, num_losses;
+  CpuGemm gemm;
 };
 
 }  // namespace cpu_train
@@ -113,6 +124,16 @@ const IsaChoice& isa() {
   return choice;
 }
 
+// CHARMLP_CPU_GEMM=simd|blas forces one way of computing the products (tests cover both); default: by size.
+cpu_train::CpuGemm gemm_choice() {
+  const char* env = std::getenv("CHARMLP_CPU_GEMM");
+  const std::string want = env ? env : "";
+  if (want == "simd") return cpu_train::CpuGemm::kSimd;
+  if (want == "blas") return cpu_train::CpuGemm::kBlas;
+  TORCH_CHECK(want.empty() || want == "auto", "CHARMLP_CPU_GEMM must be auto, simd or blas, got ", want);
+  return cpu_train::CpuGemm::kAuto;
+}
+
 at::Tensor sgd_train_cpu(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
                          const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
                          const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
@@ -150,6 +171,7 @@ at::Tensor sgd_train_cpu(const at::Tensor& C, const at::Tensor& W1, const at::Te
   a.start_step = start_step;
   a.loss_every = s.loss_every;
   a.num_losses = s.num_losses;
+  a.gemm = gemm_choice();
   isa().fn(a);
   return losses;
 }
@@ -205,7 +227,31 @@ at::Tensor sgd_train_ad_inplace(const at::Tensor& C, const at::Tensor& W1, const
   return losses;
 }
 
+// sgd_train is not differentiable, and it writes its parameters in place: refuse (as torch refuses an in-place op
+// on a leaf that requires grad) rather than let autograd attach a gradient function that cannot exist.
+at::Tensor sgd_train_autograd(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
+                              const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
+                              const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
+                              int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("charmlp::sgd_train", "")
+                       .typed<decltype(sgd_train_autograd)>();
+  if (at::GradMode::is_enabled()) {
+    const char* names[5] = {"C", "W1", "b1", "W2", "b2"};
+    const at::Tensor* params[5] = {&C, &W1, &b1, &W2, &b2};
+    for (int i = 0; i < 5; ++i) {
+      TORCH_CHECK(!params[i]->requires_grad(), "sgd_train updates ", names[i],
+                  " in place and is not differentiable, but ", names[i],
+                  " requires grad: call it under torch.no_grad() (the steppers do)");
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  return op.call(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every, cluster_size);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(charmlp, Autograd, m) { m.impl("sgd_train", &sgd_train_autograd); }
 
 TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
   m.impl("sgd_train", &sgd_train_cpu);

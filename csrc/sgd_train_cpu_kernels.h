@@ -8,17 +8,23 @@
 //   CHARMLP_VFMA(a, b, c) a * b + c on vectors, fused where the ISA has FMA (ISO C++ forbids the compiler to
 //                         contract a * b + c itself)
 //
-// Why it is fast (seed size: B=32, T=3, E=10, H=200, V=27, ~2.2 MFLOP per step):
+// Why it is fast (seed size: B=32, T=3, E=10, H=200, V=27, ~2.2 MFLOP per step; ~30 us/step on one core here
+// against ~180-240 us for the eager reference):
 //  * every buffer is allocated once per call, not per step; parameters live in layouts chosen for the loop:
-//    W1 as (T*E, Hp) and W2 transposed as (V, Hp), H padded to Hp (a multiple of W) with zeros that stay zero,
-//    so that all six products of a step run along the contiguous hidden dimension;
-//  * four of them are "broadcast" products (out row += a scalar times a W-wide row of B: 4 x 2W register tile,
-//    6 loads per 8 FMAs), two are dot products (4 x 2 tile, the 8 horizontal sums reduced together);
+//    W1 as (T*E, Hp) and W2 transposed as (Vp, Hp), H and V padded to Hp, Vp (multiples of W) with zeros that stay
+//    zero, so that all six products of a step run along the contiguous hidden dimension;
+//  * four of them are "broadcast" products (out row += a scalar times a W-wide row of B; 8 (AVX-512) or 4 rows x
+//    2W register tile), two are dot products (4 x 4 or 4 x 2 tile, the horizontal sums reduced 8 at a time);
 //  * the SGD update is fused into the gradient products (W -= lr * (A @ B) in the epilogue, no gradient buffer),
 //    each after the last read of the old weights (dh before the W2 update, dx before the W1 update);
 //  * tanh and exp are vectorised (Cephes polynomials, ~2 ulp), which matters: 6,400 scalar tanhf per step would
-//    cost more than all the products together.
-// Results are deterministic: every sum has a fixed order whatever the thread count.
+//    cost more than all the products together;
+//  * the next step's minibatch rows are drawn one step ahead and prefetched.
+// Above ~2 M multiply-adds per step the register tiles run out of cache (no panel packing) and the same loop runs
+// its six products through BLAS (at::mm_out / addmm_ on views of the same buffers; MKL packs and blocks) and keeps
+// its own gather, tanh, softmax, scatter and updates.
+// Results are deterministic: every sum of the SIMD path has a fixed order whatever the thread count; the BLAS path
+// is as deterministic as the BLAS library for a fixed thread count.
 
 constexpr int W = CHARMLP_VW;
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
@@ -126,24 +132,31 @@ static inline void reduce8(const vf* acc, float* out) {
 
 // ---- the two product shapes -----------------------------------------------------------------------------------
 
+// Register tiles: AVX-512 has 32 vector registers, so its tiles hold 16 accumulators (two FMA ports x 4 cycles of
+// latency x 2 to also cover the loads); AVX2 and SSE have 16 and use 8.
+constexpr int kBcastRows = W == 16 ? 8 : 4;  // rows of a broadcast-product tile (x 2 vectors of columns)
+constexpr int kDotCols = W == 16 ? 4 : 2;    // columns of a dot-product tile (x 4 rows)
+
 // Broadcast product, rows [r_begin, r_end) of P = A (R, K) @ Bm (K, Np), Np a multiple of W:
 // epi(r, c, acc) receives the W-wide slice P[r, c:c+W]. Column panels of 2W outer (the panel of Bm stays in L1/L2
-// across row blocks), blocks of 4 rows inner; the edge rows are computed on a clamped duplicate and not emitted.
+// across row blocks), blocks of kBcastRows rows inner; the edge rows are computed on a clamped duplicate and not
+// emitted.
 template <class Epi>
 static inline void gemm_bcast(int64_t r_begin, int64_t r_end, int64_t K, const float* A, int64_t lda,
                               const float* Bm, int64_t ldb, int64_t Np, Epi&& epi) {
+  constexpr int MR = kBcastRows;
   for (int64_t c0 = 0; c0 < Np; c0 += 2 * W) {
     const bool two = c0 + W < Np;
-    for (int64_t r0 = r_begin; r0 < r_end; r0 += 4) {
-      const float* a[4];
-      for (int i = 0; i < 4; ++i) a[i] = A + std::min(r0 + i, r_end - 1) * lda;
-      vf acc[4][2] = {};
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += MR) {
+      const float* a[MR];
+      for (int i = 0; i < MR; ++i) a[i] = A + std::min(r0 + i, r_end - 1) * lda;
+      vf acc[MR][2] = {};
       const float* bp = Bm + c0;
       if (two) {
         for (int64_t k = 0; k < K; ++k, bp += ldb) {
           const vf b0 = vload(bp), b1 = vload(bp + W);
-#pragma GCC unroll 4
-          for (int i = 0; i < 4; ++i) {
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; ++i) {
             const vf ai = vset1(a[i][k]);
             acc[i][0] = vfma(ai, b0, acc[i][0]);
             acc[i][1] = vfma(ai, b1, acc[i][1]);
@@ -152,11 +165,11 @@ static inline void gemm_bcast(int64_t r_begin, int64_t r_end, int64_t K, const f
       } else {
         for (int64_t k = 0; k < K; ++k, bp += ldb) {
           const vf b0 = vload(bp);
-#pragma GCC unroll 4
-          for (int i = 0; i < 4; ++i) acc[i][0] = vfma(vset1(a[i][k]), b0, acc[i][0]);
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; ++i) acc[i][0] = vfma(vset1(a[i][k]), b0, acc[i][0]);
         }
       }
-      for (int i = 0; i < 4 && r0 + i < r_end; ++i) {
+      for (int i = 0; i < MR && r0 + i < r_end; ++i) {
         epi(r0 + i, c0, acc[i][0]);
         if (two) epi(r0 + i, c0 + W, acc[i][1]);
       }
@@ -165,40 +178,44 @@ static inline void gemm_bcast(int64_t r_begin, int64_t r_end, int64_t K, const f
 }
 
 // Dot product, rows [r_begin, r_end) of P = A (R, Kp) @ Bm (Cn, Kp)^T, Kp a multiple of W, both operands row-major
-// along k: epi(r, c, sum). 4 rows x 2 columns per tile, reduced together; columns in blocks that keep their rows
-// of Bm in L2 while all rows stream past.
+// along k: epi(r, c, sum). 4 rows x kDotCols columns per tile, the horizontal sums reduced 8 at a time; columns in
+// blocks that keep their rows of Bm in L2 while all rows stream past.
 template <class Epi>
 static inline void gemm_dot(int64_t r_begin, int64_t r_end, int64_t Cn, int64_t Kp, const float* A, int64_t lda,
                             const float* Bm, int64_t ldb, Epi&& epi) {
-  const int64_t col_block = std::max<int64_t>(2, ((int64_t(1) << 18) / std::max<int64_t>(Kp, 1)) & ~int64_t(1));
+  constexpr int NC = kDotCols;
+  const int64_t col_block = std::max<int64_t>(NC, ((int64_t(1) << 18) / std::max<int64_t>(Kp, 1)) / NC * NC);
   for (int64_t cb = 0; cb < Cn; cb += col_block) {
     const int64_t cb_end = std::min(Cn, cb + col_block);
     for (int64_t r0 = r_begin; r0 < r_end; r0 += 4) {
       const float* a[4];
       for (int i = 0; i < 4; ++i) a[i] = A + std::min(r0 + i, r_end - 1) * lda;
-      for (int64_t c0 = cb; c0 < cb_end; c0 += 2) {
-        const float* b0p = Bm + c0 * ldb;
-        const float* b1p = Bm + std::min(c0 + 1, cb_end - 1) * ldb;
-        vf acc[8] = {};
+      for (int64_t c0 = cb; c0 < cb_end; c0 += NC) {
+        const float* bp[NC];
+        for (int j = 0; j < NC; ++j) bp[j] = Bm + std::min(c0 + j, cb_end - 1) * ldb;
+        vf acc[4 * NC] = {};  // acc[i * NC + j]: row r0 + i, column c0 + j
         for (int64_t k = 0; k < Kp; k += W) {
-          const vf b0 = vload(b0p + k), b1 = vload(b1p + k);
+          vf b[NC];
+#pragma GCC unroll 4
+          for (int j = 0; j < NC; ++j) b[j] = vload(bp[j] + k);
 #pragma GCC unroll 4
           for (int i = 0; i < 4; ++i) {
             const vf ai = vload(a[i] + k);
-            acc[2 * i] = vfma(ai, b0, acc[2 * i]);
-            acc[2 * i + 1] = vfma(ai, b1, acc[2 * i + 1]);
+#pragma GCC unroll 4
+            for (int j = 0; j < NC; ++j) acc[i * NC + j] = vfma(ai, b[j], acc[i * NC + j]);
           }
         }
-        float s[8];
-        reduce8(acc, s);
-        for (int i = 0; i < 4 && r0 + i < r_end; ++i) {
-          epi(r0 + i, c0, s[2 * i]);
-          if (c0 + 1 < cb_end) epi(r0 + i, c0 + 1, s[2 * i + 1]);
-        }
+        float s[4 * NC];
+        for (int q = 0; q < 4 * NC; q += 8) reduce8(acc + q, s + q);
+        for (int i = 0; i < 4 && r0 + i < r_end; ++i)
+          for (int j = 0; j < NC && c0 + j < cb_end; ++j) epi(r0 + i, c0 + j, s[i * NC + j]);
       }
     }
   }
 }
+
+// Per-step multiply-adds (of B * Hp * (2 TE + 2 Vp)) from which the BLAS path is used (see train_one_model).
+constexpr int64_t kBlasWork = int64_t(2) << 20;
 
 // Runs fn(begin, end) over [0, n) on the intra-op threads when the total work (in FMAs) repays the fork/join
 // (~5 us), serially otherwise — always at the seed's size, and always inside the per-model parallel loop.
@@ -219,7 +236,7 @@ template <typename index_t>
 static void train_one_model(const CpuTrainArgs& a, int64_t m) {
   const int64_t B = a.B, T = a.T, E = a.E, TE = T * E, H = a.H, V = a.V, N = a.N;
   const int64_t Hp = (H + W - 1) / W * W;  // hidden, padded with zeros to whole vectors
-  const int64_t Vp = (V + W - 1) / W * W;  // row stride of the logits
+  const int64_t Vp = (V + W - 1) / W * W;  // vocabulary, padded likewise (the logits' row stride)
   float* C = a.C + m * V * E;     // (V, E), updated in place
   float* W1 = a.W1 + m * TE * H;  // (TE, H), copied into W1p for the call
   float* b1 = a.b1 + m * H;
@@ -231,11 +248,11 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
   const int64_t* batch_idx = a.batch_idx ? a.batch_idx + m * a.idx_stride : nullptr;
   const uint64_t seed = a.seeds ? static_cast<uint64_t>(a.seeds[m]) : 0;
 
-  // Working set of the call (seed size: ~90 KB, L2-resident).
-  std::vector<float> W1p(TE * Hp, 0.f), b1p(Hp, 0.f), W2T(V * Hp, 0.f);
-  std::vector<float> h(B * Hp), g(B * Hp);     // tanh activations and dpre = dL/d(pre-activation), (B, Hp)
-  std::vector<float> x(B * TE), xT(TE * B);    // gathered embeddings (B, TE) and transposed
-  std::vector<float> logit(B * Vp), dlT(V * B);  // logits -> dL/dlogits (B, Vp), transposed (V, B)
+  // Working set of the call (seed size: ~90 KB, L2-resident). Padding rows/columns are zero and stay zero.
+  std::vector<float> W1p(TE * Hp, 0.f), b1p(Hp, 0.f), W2T(Vp * Hp, 0.f);
+  std::vector<float> h(B * Hp), g(B * Hp);         // tanh activations and dpre = dL/d(pre-activation), (B, Hp)
+  std::vector<float> x(B * TE), xT(TE * B);        // gathered embeddings (B, TE) and transposed
+  std::vector<float> logit(B * Vp, 0.f), dlT(V * B);  // logits -> dL/dlogits (B, Vp), transposed (V, B)
   std::vector<float> dx(B * TE), dC(V * E, 0.f), rowloss(B);
   std::vector<int64_t> tok(B * T), tgt(B);
 
@@ -243,6 +260,22 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
   std::copy(b1, b1 + H, b1p.data());
   for (int64_t j = 0; j < H; ++j)
     for (int64_t v = 0; v < V; ++v) W2T[v * Hp + j] = W2[j * V + v];
+
+  // Large products go through BLAS (MKL: packed panels, cache blocking) on views of the same buffers; the
+  // register-tiled products win below ~2 M multiply-adds per step (the seed: 0.7 M), where the ~5 us of each of
+  // the six BLAS calls is not amortised.
+  const bool blas = a.gemm == CpuGemm::kBlas || (a.gemm == CpuGemm::kAuto && B * Hp * (2 * TE + 2 * Vp) >= kBlasWork);
+  at::Tensor tx, tW1p, th, tg, tlogit, tW2T, tdx;
+  if (blas) {
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    tx = at::from_blob(x.data(), {B, TE}, f32);
+    tW1p = at::from_blob(W1p.data(), {TE, Hp}, f32);
+    th = at::from_blob(h.data(), {B, Hp}, f32);
+    tg = at::from_blob(g.data(), {B, Hp}, f32);
+    tlogit = at::from_blob(logit.data(), {B, Vp}, f32);
+    tW2T = at::from_blob(W2T.data(), {Vp, Hp}, f32);
+    tdx = at::from_blob(dx.data(), {B, TE}, f32);
+  }
 
   // Minibatch rows of step i into rows[i % 2]; one step ahead, so that their rows of X and Y are prefetched
   // while step i computes (a random row of a 180k-example dataset is a cache miss, ~10 % of a step otherwise).
@@ -269,6 +302,7 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
   if (a.S > 0) draw_rows(0);
   for (int64_t i = 0; i < a.S; ++i) {
     const float lr = lrs[i];
+    const vf neg_lr = vset1(-lr);
 
     // 1. Minibatch: gather the context embeddings x (B, TE) of this step's rows, then draw the next step's.
     const int64_t* step_rows = rows.data() + (i % 2) * B;
@@ -285,23 +319,38 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
       tgt[b] = y;
     }
     if (i + 1 < a.S) draw_rows(i + 1);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t k = 0; k < TE; ++k) xT[k * B + b] = x[b * TE + k];
 
     // 2. h = tanh(x @ W1p + b1p)   (B, Hp); the padding columns come out as tanh(0) = 0.
-    maybe_parallel((B + 3) / 4, B * TE * Hp, [&](int64_t lo, int64_t hi) {
-      gemm_bcast(lo * 4, std::min(hi * 4, B), TE, x.data(), TE, W1p.data(), Hp, Hp, [&](int64_t r, int64_t c, vf s) {
-        vstore(h.data() + r * Hp + c, vtanh(s + vload(b1p.data() + c)));
+    if (blas) {
+      at::mm_out(th, tx, tW1p);
+      maybe_parallel(B, B * Hp * 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r)
+          for (int64_t c = 0; c < Hp; c += W)
+            vstore(h.data() + r * Hp + c, vtanh(vload(h.data() + r * Hp + c) + vload(b1p.data() + c)));
       });
-    });
+    } else {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < TE; ++k) xT[k * B + b] = x[b * TE + k];
+      maybe_parallel((B + kBcastRows - 1) / kBcastRows, B * TE * Hp, [&](int64_t lo, int64_t hi) {
+        gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, B), TE, x.data(), TE, W1p.data(), Hp, Hp,
+                   [&](int64_t r, int64_t c, vf s) { vstore(h.data() + r * Hp + c, vtanh(s + vload(b1p.data() + c))); });
+      });
+    }
 
     // 3. logits = h @ W2T^T + b2   (B, V)
-    maybe_parallel((B + 3) / 4, B * V * Hp, [&](int64_t lo, int64_t hi) {
-      gemm_dot(lo * 4, std::min(hi * 4, B), V, Hp, h.data(), Hp, W2T.data(), Hp,
-               [&](int64_t r, int64_t c, float s) { logit[r * Vp + c] = s + b2[c]; });
-    });
+    if (blas) {
+      at::mm_out(tlogit, th, tW2T.t());
+      for (int64_t r = 0; r < B; ++r)
+        for (int64_t v = 0; v < V; ++v) logit[r * Vp + v] += b2[v];
+    } else {
+      maybe_parallel((B + 3) / 4, B * V * Hp, [&](int64_t lo, int64_t hi) {
+        gemm_dot(lo * 4, std::min(hi * 4, B), V, Hp, h.data(), Hp, W2T.data(), Hp,
+                 [&](int64_t r, int64_t c, float s) { logit[r * Vp + c] = s + b2[c]; });
+      });
+    }
 
-    // 4. Softmax cross-entropy: loss per row, and dL/dlogits = (softmax - onehot) / B in place of the logits.
+    // 4. Softmax cross-entropy: loss per row, and dL/dlogits = (softmax - onehot) / B in place of the logits
+    //    (zero in the padding columns).
     maybe_parallel(B, B * V * 16, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
         float* l = logit.data() + b * Vp;
@@ -309,7 +358,7 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
         for (int64_t v = 1; v < V; ++v) mx = std::max(mx, l[v]);
         const float l_target = l[tgt[b]];
         vf vsum = {};
-        for (int64_t v = 0; v < Vp; v += W) {  // padding lanes are masked out of the sum and never read again
+        for (int64_t v = 0; v < Vp; v += W) {
           vf e = vexp(vload(l + v) - mx);
           if (v + W > V) {
             vi lane;
@@ -330,26 +379,41 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
     float step_loss = 0.f;
     for (int64_t b = 0; b < B; ++b) step_loss += rowloss[b];
     window_sum += step_loss * inv_B;
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t v = 0; v < V; ++v) dlT[v * B + b] = logit[b * Vp + v];
 
     // 5. dpre = (dl @ W2T) * (1 - h^2)   (B, Hp) — before W2 changes.
-    maybe_parallel((B + 3) / 4, B * V * Hp, [&](int64_t lo, int64_t hi) {
-      gemm_bcast(lo * 4, std::min(hi * 4, B), V, logit.data(), Vp, W2T.data(), Hp, Hp,
-                 [&](int64_t r, int64_t c, vf s) {
-                   const vf hv = vload(h.data() + r * Hp + c);
-                   vstore(g.data() + r * Hp + c, s * (1.0f - hv * hv));
-                 });
-    });
+    if (blas) {
+      at::mm_out(tg, tlogit, tW2T);
+      maybe_parallel(B, B * Hp * 4, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r)
+          for (int64_t c = 0; c < Hp; c += W) {
+            const vf hv = vload(h.data() + r * Hp + c);
+            vstore(g.data() + r * Hp + c, vload(g.data() + r * Hp + c) * (1.0f - hv * hv));
+          }
+      });
+    } else {
+      maybe_parallel((B + kBcastRows - 1) / kBcastRows, B * V * Hp, [&](int64_t lo, int64_t hi) {
+        gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, B), V, logit.data(), Vp, W2T.data(), Hp, Hp,
+                   [&](int64_t r, int64_t c, vf s) {
+                     const vf hv = vload(h.data() + r * Hp + c);
+                     vstore(g.data() + r * Hp + c, s * (1.0f - hv * hv));
+                   });
+      });
+    }
 
     // 6. W2T -= lr * (dl^T @ h), b2 -= lr * sum_b dl — the gradient never materialises.
-    const vf neg_lr = vset1(-lr);
-    maybe_parallel((V + 3) / 4, V * B * Hp, [&](int64_t lo, int64_t hi) {
-      gemm_bcast(lo * 4, std::min(hi * 4, V), B, dlT.data(), B, h.data(), Hp, Hp, [&](int64_t r, int64_t c, vf s) {
-        float* p = W2T.data() + r * Hp + c;
-        vstore(p, vfma(neg_lr, s, vload(p)));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t v = 0; v < V; ++v) dlT[v * B + b] = logit[b * Vp + v];
+    if (blas) {
+      tW2T.addmm_(tlogit.t(), th, 1.0, -lr);
+    } else {
+      maybe_parallel((V + kBcastRows - 1) / kBcastRows, V * B * Hp, [&](int64_t lo, int64_t hi) {
+        gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, V), B, dlT.data(), B, h.data(), Hp, Hp,
+                   [&](int64_t r, int64_t c, vf s) {
+                     float* p = W2T.data() + r * Hp + c;
+                     vstore(p, vfma(neg_lr, s, vload(p)));
+                   });
       });
-    });
+    }
     for (int64_t v = 0; v < V; ++v) {
       float s = 0.f;
       for (int64_t b = 0; b < B; ++b) s += dlT[v * B + b];
@@ -357,18 +421,27 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
     }
 
     // 7. dx = dpre @ W1p^T   (B, TE) — before W1 changes.
-    maybe_parallel((B + 3) / 4, B * TE * Hp, [&](int64_t lo, int64_t hi) {
-      gemm_dot(lo * 4, std::min(hi * 4, B), TE, Hp, g.data(), Hp, W1p.data(), Hp,
-               [&](int64_t r, int64_t c, float s) { dx[r * TE + c] = s; });
-    });
+    if (blas) {
+      at::mm_out(tdx, tg, tW1p.t());
+    } else {
+      maybe_parallel((B + 3) / 4, B * TE * Hp, [&](int64_t lo, int64_t hi) {
+        gemm_dot(lo * 4, std::min(hi * 4, B), TE, Hp, g.data(), Hp, W1p.data(), Hp,
+                 [&](int64_t r, int64_t c, float s) { dx[r * TE + c] = s; });
+      });
+    }
 
     // 8. W1p -= lr * (x^T @ dpre), b1p -= lr * sum_b dpre.
-    maybe_parallel((TE + 3) / 4, TE * B * Hp, [&](int64_t lo, int64_t hi) {
-      gemm_bcast(lo * 4, std::min(hi * 4, TE), B, xT.data(), B, g.data(), Hp, Hp, [&](int64_t r, int64_t c, vf s) {
-        float* p = W1p.data() + r * Hp + c;
-        vstore(p, vfma(neg_lr, s, vload(p)));
+    if (blas) {
+      tW1p.addmm_(tx.t(), tg, 1.0, -lr);
+    } else {
+      maybe_parallel((TE + kBcastRows - 1) / kBcastRows, TE * B * Hp, [&](int64_t lo, int64_t hi) {
+        gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, TE), B, xT.data(), B, g.data(), Hp, Hp,
+                   [&](int64_t r, int64_t c, vf s) {
+                     float* p = W1p.data() + r * Hp + c;
+                     vstore(p, vfma(neg_lr, s, vload(p)));
+                   });
       });
-    });
+    }
     for (int64_t c = 0; c < Hp; c += W) {
       vf s = {};
       for (int64_t b = 0; b < B; ++b) s += vload(g.data() + b * Hp + c);

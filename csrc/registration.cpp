@@ -39,4 +39,23 @@ TORCH_LIBRARY(charmlp, m) {
   m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor h, Tensor W2, Tensor b2, Tensor targets, Tensor lse, int reduction, int ignore_index) -> (Tensor, Tensor, Tensor)");
 
   // ---- whole-training ops (persistent SGD) -----------------------------------------------------
+  // S SGD steps of M independent models in one call (csrc/sgd_train.h): per step, B rows drawn by Philox from
+  // seeds (M,) keyed by (seed, start_step + i, row) -- or read from batch_idx (S, B) / (M, S, B) -- then forward,
+  // backward and p -= lrs[..., i] * grad. C (M, V, E), W1 (M, T*E, H), b1 (M, H), W2 (M, H, V), b2 (M, V) float32
+  // are updated in place; X (N, T), Y (N,) int64/int32; lrs (S,) or (M, S) float32. Exactly one of seeds and
+  // batch_idx. -> losses (M, ceil(S / loss_every)): the mean training loss of each window of loss_every steps.
+  // cluster_size: blocks per model on CUDA (0 = auto; see sgd_train_cuda_plan), ignored on the CPU.
+  m.def("sgd_train(Tensor(a!) C, Tensor(b!) W1, Tensor(c!) b1, Tensor(d!) W2, Tensor(e!) b2, Tensor X, Tensor Y, "
+        "Tensor lrs, Tensor? seeds, Tensor? batch_idx, int start_step, int batch_size, int loss_every=1, "
+        "int cluster_size=0) -> Tensor");
+  // The rows sgd_train draws: (M, num_steps, batch_size) int64 in [0, num_rows) for steps start_step[0] + i.
+  // start_step is a one-element int64 tensor on the device of seeds, so that a captured CUDA graph can advance it.
+  m.def("philox_minibatch(Tensor seeds, Tensor start_step, int num_steps, int batch_size, int num_rows) -> Tensor");
+  // Whether a model size fits the persistent CUDA kernel on a device with smem_per_block bytes of opt-in shared
+  // memory per block and compute capability cc_major.x: -> ("" or the reason it does not,
+  // [cluster_size, ks_logits, ks_dx, shared-memory bytes per block] when it does). Host code, any machine.
+  m.def("sgd_train_cuda_plan(int vocab_size, int block_size, int n_embd, int n_hidden, int batch_size, "
+        "int smem_per_block, int cc_major, int cluster_size=0) -> (str, int[])");
+  // The instruction set the CPU kernel of sgd_train runs with on this machine: "avx512", "avx2" or "baseline".
+  m.def("sgd_train_cpu_isa() -> str");
 }

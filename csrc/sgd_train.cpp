@@ -1,0 +1,268 @@
+// Whole-training ops, CPU side (the CUDA kernels of the same ops are in sgd_train_cuda.cu):
+//   charmlp::sgd_train         S SGD steps of M independent models in one call: minibatch sampling (Philox, or
+//                              rows from batch_idx), forward, backward, update with a per-step lr, loss history
+//                              every loss_every steps. Parameters (M, ...) are updated in place.
+//   charmlp::philox_minibatch  the minibatch rows that sgd_train draws, as a tensor (M, S, B); the CUDA-graph
+//                              stepper samples with it, so graph and persistent runs see the same minibatches.
+//   charmlp::sgd_train_cuda_plan  whether (and how) a model size fits the persistent CUDA kernel on a device with
+//                              the given properties — plain host code, callable on any machine.
+//
+// The plain reference of the loop is the seed's notebook loop (charmlp_fast/reference.py + steppers.EagerStepper);
+// tests/test_persistent.py checks this kernel against it step by step.
+#include "sgd_train.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define CHARMLP_X86_MULTIVERSION 1
+#endif
+
+namespace charmlp {
+namespace cpu_train {
+
+// How the CPU loop computes its matrix products: register-tiled SIMD code, BLAS (at::mm), or by size.
+enum class CpuGemm { kAuto, kSimd, kBlas };
+
+// Raw pointers and sizes of one sgd_train call (M models).
+struct CpuTrainArgs {
+  float *C, *W1, *b1, *W2, *b2;          // (M, V, E), (M, TE, H), (M, H), (M, H, V), (M, V)
+  const void* X;                          // (N, T) int64 or int32
+  const void* Y;                          // (N,)
+  bool idx64;
+  const float* lrs;                       // (S,) or (M, S)
+  int64_t lr_stride;                      // 0 or S
+  const int64_t* seeds;                   // (M,) or null
+  const int64_t* batch_idx;               // (S, B) or (M, S, B) or null
+  int64_t idx_stride;                     // 0 or S * B
+  float* losses;                          // (M, num_losses)
+  int64_t M, V, E, T, H, B, N, S, start_step, loss_every, num_losses;
+  CpuGemm gemm;
+};
+
+}  // namespace cpu_train
+}  // namespace charmlp
+
+// The loop body, once per instruction set (see sgd_train_cpu_kernels.h for why).
+#if CHARMLP_X86_MULTIVERSION
+namespace charmlp::cpu_train::avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
+#define CHARMLP_VW 16
+#define CHARMLP_VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#include "sgd_train_cpu_kernels.h"
+#undef CHARMLP_VFMA
+#undef CHARMLP_VW
+#pragma GCC pop_options
+}  // namespace charmlp::cpu_train::avx512
+
+namespace charmlp::cpu_train::avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define CHARMLP_VW 8
+#define CHARMLP_VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#include "sgd_train_cpu_kernels.h"
+#undef CHARMLP_VFMA
+#undef CHARMLP_VW
+#pragma GCC pop_options
+}  // namespace charmlp::cpu_train::avx2
+#endif
+
+namespace charmlp::cpu_train::baseline {
+#define CHARMLP_VW 4
+#define CHARMLP_VFMA(a, b, c) ((a) * (b) + (c))
+#include "sgd_train_cpu_kernels.h"
+#undef CHARMLP_VFMA
+#undef CHARMLP_VW
+}  // namespace charmlp::cpu_train::baseline
+
+namespace charmlp {
+namespace {
+
+// The widest instruction set of this CPU, decided once. CHARMLP_CPU_ISA=avx512|avx2|baseline overrides it (to
+// compare them, or to reproduce another machine's rounding).
+using TrainFn = void (*)(const cpu_train::CpuTrainArgs&);
+struct IsaChoice {
+  const char* name;
+  TrainFn fn;
+};
+
+IsaChoice choose_isa() {
+  const char* env = std::getenv("CHARMLP_CPU_ISA");
+  const std::string want = env ? env : "";
+#if CHARMLP_X86_MULTIVERSION
+  __builtin_cpu_init();
+  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if ((want.empty() || want == "avx512") && has512) return {"avx512", &cpu_train::avx512::train_models};
+  if ((want.empty() || want == "avx512" || want == "avx2") && has2) return {"avx2", &cpu_train::avx2::train_models};
+#endif
+  return {"baseline", &cpu_train::baseline::train_models};
+}
+
+const IsaChoice& isa() {
+  static const IsaChoice choice = choose_isa();
+  return choice;
+}
+
+// CHARMLP_CPU_GEMM=simd|blas forces one way of computing the products (tests cover both); default: by size.
+cpu_train::CpuGemm gemm_choice() {
+  const char* env = std::getenv("CHARMLP_CPU_GEMM");
+  const std::string want = env ? env : "";
+  if (want == "simd") return cpu_train::CpuGemm::kSimd;
+  if (want == "blas") return cpu_train::CpuGemm::kBlas;
+  TORCH_CHECK(want.empty() || want == "auto", "CHARMLP_CPU_GEMM must be auto, simd or blas, got ", want);
+  return cpu_train::CpuGemm::kAuto;
+}
+
+at::Tensor sgd_train_cpu(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
+                         const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
+                         const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
+                         int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
+  const SgdTrainShape s =
+      check_sgd_train_args(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every);
+  TORCH_CHECK(cluster_size >= 0 && cluster_size <= kMaxCluster, "cluster_size must be 0 (auto) or 1..", kMaxCluster,
+              ", got ", cluster_size, " (it only matters on CUDA)");
+  TORCH_CHECK(C.device().is_cpu(), "sgd_train (CPU kernel) got C on ", C.device());
+  auto losses = at::empty({s.M, s.num_losses}, C.options());
+  if (s.S == 0) return losses;
+  const auto Xc = X.expect_contiguous();
+  const auto Yc = Y.expect_contiguous();
+  const auto lrc = lrs.expect_contiguous();
+  c10::MaybeOwned<at::Tensor> seedc, idxc;
+  if (seeds) seedc = seeds->expect_contiguous();
+  if (batch_idx) idxc = batch_idx->expect_contiguous();
+
+  cpu_train::CpuTrainArgs a{};
+  a.C = C.data_ptr<float>();
+  a.W1 = W1.data_ptr<float>();
+  a.b1 = b1.data_ptr<float>();
+  a.W2 = W2.data_ptr<float>();
+  a.b2 = b2.data_ptr<float>();
+  a.X = Xc->data_ptr();
+  a.Y = Yc->data_ptr();
+  a.idx64 = X.scalar_type() == at::kLong;
+  a.lrs = lrc->data_ptr<float>();
+  a.lr_stride = s.lr_model_stride;
+  a.seeds = seeds ? seedc->data_ptr<int64_t>() : nullptr;
+  a.batch_idx = batch_idx ? idxc->data_ptr<int64_t>() : nullptr;
+  a.idx_stride = s.idx_model_stride;
+  a.losses = losses.data_ptr<float>();
+  a.M = s.M, a.V = s.V, a.E = s.E, a.T = s.T, a.H = s.H, a.B = s.B, a.N = s.N, a.S = s.S;
+  a.start_step = start_step;
+  a.loss_every = s.loss_every;
+  a.num_losses = s.num_losses;
+  a.gemm = gemm_choice();
+  isa().fn(a);
+  return losses;
+}
+
+at::Tensor philox_minibatch_cpu(const at::Tensor& seeds, const at::Tensor& start_step, int64_t num_steps,
+                                int64_t batch_size, int64_t num_rows) {
+  check_philox_minibatch_args(seeds, start_step, num_steps, batch_size, num_rows);
+  const int64_t M = seeds.size(0);
+  auto out = at::empty({M, num_steps, batch_size}, seeds.options());
+  const auto sc = seeds.expect_contiguous();
+  const int64_t* sd = sc->data_ptr<int64_t>();
+  const int64_t first = *start_step.data_ptr<int64_t>();  // CPU tensor: reading it is not a device sync
+  TORCH_CHECK(first >= 0, "start_step must be >= 0, got ", first);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < num_steps; ++i)
+      for (int64_t b = 0; b < batch_size; ++b)
+        o[(m * num_steps + i) * batch_size + b] =
+            philox::minibatch_row(static_cast<uint64_t>(sd[m]), static_cast<uint64_t>(first + i),
+                                  static_cast<uint64_t>(b), static_cast<uint64_t>(num_rows));
+  return out;
+}
+
+// -> (reason it does not fit ("" when it does), [cluster_size, ks_logits, ks_dx, shared-memory bytes per block])
+std::tuple<std::string, std::vector<int64_t>> sgd_train_cuda_plan(int64_t vocab_size, int64_t block_size,
+                                                                  int64_t n_embd, int64_t n_hidden,
+                                                                  int64_t batch_size, int64_t smem_per_block,
+                                                                  int64_t cc_major, int64_t cluster_size) {
+  const PersistentPlan p =
+      plan_persistent(vocab_size, block_size, n_embd, n_hidden, batch_size, smem_per_block, cc_major, cluster_size);
+  if (!p.ok) return {p.reason, {}};
+  const PersistentLayout& L = p.layout;
+  return {std::string(), {L.cluster, L.ks_logits, L.ks_dx, L.bytes}};
+}
+
+std::string sgd_train_cpu_isa() { return isa().name; }
+
+// sgd_train mutates its parameters: bump their version counters (as every in-place op does) so that autograd
+// refuses to backpropagate through values saved before the update.
+at::Tensor sgd_train_ad_inplace(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
+                                const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
+                                const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
+                                int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("charmlp::sgd_train", "")
+                       .typed<decltype(sgd_train_ad_inplace)>();
+  at::Tensor losses;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    losses = op.call(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every, cluster_size);
+  }
+  for (const at::Tensor* p : {&C, &W1, &b1, &W2, &b2}) torch::autograd::impl::bump_version(*p);
+  return losses;
+}
+
+// sgd_train is not differentiable, and it writes its parameters in place: refuse (as torch refuses an in-place op
+// on a leaf that requires grad) rather than let autograd attach a gradient function that cannot exist.
+at::Tensor sgd_train_autograd(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
+                              const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
+                              const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
+                              int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("charmlp::sgd_train", "")
+                       .typed<decltype(sgd_train_autograd)>();
+  if (at::GradMode::is_enabled()) {
+    const char* names[5] = {"C", "W1", "b1", "W2", "b2"};
+    const at::Tensor* params[5] = {&C, &W1, &b1, &W2, &b2};
+    for (int i = 0; i < 5; ++i) {
+      TORCH_CHECK(!params[i]->requires_grad(), "sgd_train updates ", names[i],
+                  " in place and is not differentiable, but ", names[i],
+                  " requires grad: call it under torch.no_grad() (the steppers do)");
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  return op.call(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every, cluster_size);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(charmlp, Autograd, m) { m.impl("sgd_train", &sgd_train_autograd); }
+
+TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
+  m.impl("sgd_train", &sgd_train_cpu);
+  m.impl("philox_minibatch", &philox_minibatch_cpu);
+}
+
+TORCH_LIBRARY_IMPL(charmlp, ADInplaceOrView, m) { m.impl("sgd_train", &sgd_train_ad_inplace); }
+
+TORCH_LIBRARY_IMPL(charmlp, CompositeExplicitAutograd, m) {
+  m.impl("sgd_train_cuda_plan", &sgd_train_cuda_plan);
+  m.impl("sgd_train_cpu_isa", &sgd_train_cpu_isa);
+}
+
+}  // namespace charmlp

@@ -179,6 +179,13 @@ class PersistentStepper:
         reason, _ = cuda_plan(vocab_size, block_size, n_embd, n_hidden, batch_size, device, cluster_size)
         return reason or None
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Nothing to save: minibatches are a function of (seed, step), and the step is the trainer's."""
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
     def run(self, start_step: int, lrs: torch.Tensor) -> torch.Tensor:
         lrs = _to_device(lrs, self.device)
         with torch.no_grad():
@@ -260,6 +267,9 @@ class GraphStepper:
             self._steps(k)
         self.graphs[k] = graph
         return graph
+
+    state = PersistentStepper.state  # stateless too: the step counter is reset from start_step on every run
+    load_state = PersistentStepper.load_state
 
     def run(self, start_step: int, lrs: torch.Tensor) -> torch.Tensor:
         n = lrs.numel()

@@ -19,7 +19,7 @@ import torch
 from charmlp_fast import reference
 from charmlp_fast.cli import ArgumentParser, positive_int, resolve_device, run_main
 from charmlp_fast.data import load_corpus
-from charmlp_fast.model import CharMLP
+from charmlp_fast.model import CharMLP, fastest_impl
 from charmlp_fast.steppers import EagerStepper
 
 SUGGESTION_BACKOFF = 2.0  # suggested lr = lr at the smoothed-loss minimum / this
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     corpus = load_corpus(args.data, args.block_size)
     X, Y = (t.to(device) for t in corpus.splits["train"])
-    model = CharMLP(len(corpus.vocab), args.block_size, args.n_embd, args.n_hidden, seed=args.seed).to(device)
+    model = CharMLP(len(corpus.vocab), args.block_size, args.n_embd, args.n_hidden, seed=args.seed,
+                    impl=fastest_impl(device.type)).to(device)
     exponents, losses = lr_sweep(model, X, Y, args.batch_size, args.seed, args.lo, args.hi, args.steps)
     suggested = suggest(exponents, losses)
     out = Path(args.out)

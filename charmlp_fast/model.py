@@ -10,6 +10,13 @@ from charmlp_fast import reference
 IMPLS = ("reference", "fused")  # per-step implementations of forward/backward; the trainer adds whole-loop ones
 
 
+def fastest_impl(device_type: str) -> str:
+    """'fused' where the extension has the fused ops' kernels for the device type, else 'reference'."""
+    from charmlp_fast import ops
+
+    return "fused" if ops.kernels_built(device_type) else "reference"
+
+
 class CharMLP(nn.Module):
     """Embedding C (V, E) -> concatenated context (B, T*E) -> tanh(x @ W1 + b1) (B, H) -> h @ W2 + b2 (B, V).
 

@@ -28,11 +28,11 @@ from charmlp_fast.checkpoint import atomic_write, load_checkpoint, save_checkpoi
 from charmlp_fast.cli import (ArgumentParser, CLIError, non_negative_int, positive_float, positive_int,
                               resolve_device, run_main)
 from charmlp_fast.data import Corpus, load_corpus
-from charmlp_fast.model import CharMLP
+from charmlp_fast.model import CharMLP, fastest_impl
 from charmlp_fast.sample import SAMPLE_SEED, sample_names
 from charmlp_fast.steppers import EagerStepper, lr_schedule
 
-IMPL_CHOICES = ("auto", "reference", "fused")
+IMPL_CHOICES = ("auto", "reference", "fused", "graph", "persistent")
 EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C'd program
 
 
@@ -51,7 +51,7 @@ class TrainConfig:
     lr_after: float = 0.01  # learning rate from lr_decay_step on
     seed: int = reference.SEED  # initialisation and minibatch sampling seed
     device: str = "auto"  # auto | cpu | cuda[:N]
-    impl: str = "auto"  # reference (plain PyTorch) | fused (charmlp ops) | auto (fastest available)
+    impl: str = "auto"  # reference | fused | graph | persistent | auto (the fastest that fits; see resolve_impl)
     eval_every: int = 0  # steps between dev-loss evaluations (and checkpoints); 0 = only at the end
     log_every: int = 1_000  # steps per chunk: how often the loss is read back (the only host syncs)
     out: str = "out"  # directory for model.safetensors, metrics.json, metrics.jsonl and the plots
@@ -82,7 +82,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--lr-after", type=positive_float, help=f"learning rate after the decay (default {d.lr_after})")
     p.add_argument("--seed", type=int, help=f"seed for initialisation and minibatches (default {d.seed})")
     p.add_argument("--device", help="auto, cpu or cuda (default auto: cuda when visible)")
-    p.add_argument("--impl", choices=IMPL_CHOICES, help="step implementation (default auto: the fastest built)")
+    p.add_argument("--impl", choices=IMPL_CHOICES,
+                   help="reference: plain PyTorch, the seed's loop; fused: the charmlp ops in that loop; graph: the "
+                        "fused step captured in CUDA graphs; persistent: many steps per kernel launch (C++ loop on "
+                        "the CPU); auto (default): the fastest that fits the device and sizes")
     p.add_argument("--eval-every", type=non_negative_int,
                    help="evaluate the dev loss and write a checkpoint every N steps (default: only at the end)")
     p.add_argument("--log-every", type=positive_int,
@@ -101,17 +104,46 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     return dataclasses.replace(TrainConfig(), **given), given
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """'auto' -> the fused ops when the extension has kernels for the device, else plain PyTorch."""
+def resolve_impl(impl: str, device: torch.device, sizes: tuple[int, int, int, int, int] | None = None) -> str:
+    """The step implementation to run: `impl` itself, checked, or for 'auto' the fastest that fits:
+    persistent, then graph (CUDA), then fused, then reference. sizes = (V, T, E, H, B); None checks only the build.
+    An explicit choice that cannot run is an error that says why, never a silent substitute."""
     from charmlp_fast import ops
+    from charmlp_fast.device_train import GraphStepper, PersistentStepper
 
-    built = ops.kernels_built(device.type)
-    if impl == "auto":
-        return "fused" if built else "reference"
-    if impl == "fused" and not built:
-        raise CLIError(f"--impl fused: the charmlp extension has no {device.type} kernels in this build"
-                       + ("" if ops.HAS_EXTENSION else f" (not built: {ops._IMPORT_ERROR})"))
-    return impl
+    def why_not(candidate: str) -> str | None:
+        if candidate == "reference":
+            return None
+        if candidate == "fused":
+            if ops.kernels_built(device.type):
+                return None
+            return (f"the charmlp extension has no {device.type} kernels in this build"
+                    + ("" if ops.HAS_EXTENSION else f" (not built: {ops._IMPORT_ERROR})"))
+        if candidate == "graph":
+            return GraphStepper.unsupported_reason(device)
+        if sizes is None:
+            return None if ops.HAS_EXTENSION else "the charmlp_fast._C extension is not built"
+        return PersistentStepper.unsupported_reason(*sizes, device)
+
+    if impl != "auto":
+        reason = why_not(impl)
+        if reason:
+            raise CLIError(f"--impl {impl}: {reason}")
+        return impl
+    return next(c for c in ("persistent", "graph", "fused", "reference") if why_not(c) is None)
+
+
+def make_stepper(impl: str, model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int):
+    """The stepper of an implementation chosen by resolve_impl (see steppers.py for the interface)."""
+    if impl == "persistent":
+        from charmlp_fast.device_train import PersistentStepper
+
+        return PersistentStepper(model, X, Y, batch_size, seed)
+    if impl == "graph":
+        from charmlp_fast.device_train import GraphStepper
+
+        return GraphStepper(model, X, Y, batch_size, seed)
+    return EagerStepper(model, X, Y, batch_size, seed)
 
 
 @torch.no_grad()
@@ -181,21 +213,28 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
     if cfg.resume:
         cfg, ckpt = resume_config(cfg, given or {})
     device = resolve_device(cfg.device)
-    impl = resolve_impl(cfg.impl, device)
     corpus = corpus or load_corpus(cfg.data, cfg.block_size, tokens=cfg.tokens, max_vocab=cfg.max_vocab)
+    impl = resolve_impl(cfg.impl, device, (len(corpus.vocab), cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size))
     if ckpt is not None and corpus.vocab != ckpt.vocab:
         raise CLIError(f"the data's vocabulary differs from the checkpoint's: {cfg.data} changed since it was written")
     splits = {name: (X.to(device), Y.to(device)) for name, (X, Y) in corpus.splits.items()}
-    model = CharMLP(len(corpus.vocab), cfg.block_size, cfg.n_embd, cfg.n_hidden, impl=impl, seed=cfg.seed)
+    # The model's own forward (evaluation, sampling, the eager loop) uses the fused ops wherever they are built,
+    # unless the plain-PyTorch reference was asked for.
+    model_impl = "reference" if impl == "reference" else fastest_impl(device.type)
+    model = CharMLP(len(corpus.vocab), cfg.block_size, cfg.n_embd, cfg.n_hidden, impl=model_impl, seed=cfg.seed)
     Xtr, Ytr = splits["train"]
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt.model.state_dict())
         step = ckpt.extra["step"]
     model.to(device)
-    stepper = EagerStepper(model, Xtr, Ytr, cfg.batch_size, cfg.seed)
+    stepper = make_stepper(impl, model, Xtr, Ytr, cfg.batch_size, cfg.seed)
     if ckpt is not None:
-        stepper.load_state(ckpt.tensors)
+        if ckpt.extra.get("impl", impl) != impl:
+            print(f"note: the checkpoint was trained with --impl {ckpt.extra['impl']}, this run uses {impl}: "
+                  "the minibatches from here on differ from an uninterrupted run's", file=sys.stderr)
+        else:
+            stepper.load_state(ckpt.tensors)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +246,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
 
     def checkpoint(at_step: int) -> None:
         save_checkpoint(out / "model.safetensors", model, corpus.vocab, dataclasses.asdict(cfg),
-                        {"step": at_step}, stepper.state())
+                        {"step": at_step, "impl": impl}, stepper.state())
 
     first_step, losses, dev_curve = step, [], []
     t0 = time.perf_counter()

@@ -112,10 +112,11 @@ def test_embedding_projection():
 
 # ---- resume, metrics log ---------------------------------------------------------------------------------
 
-def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, words_file):
-    full = small_cfg(words_file, tmp_path / "full", eval_every=100)
+@pytest.mark.parametrize("impl", ["reference", "persistent"])
+def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, words_file, impl):
+    full = small_cfg(words_file, tmp_path / "full", eval_every=100, impl=impl)
     train(full, progress=False)
-    part = small_cfg(words_file, tmp_path / "part", steps=250, eval_every=100)
+    part = small_cfg(words_file, tmp_path / "part", steps=250, eval_every=100, impl=impl)
     train(part, progress=False)
     # Resume with a different chunking: the result must not depend on where the run was cut or read back.
     resumed, given = parse_args(["--resume", str(tmp_path / "part" / "model.safetensors"), "--steps", "400",

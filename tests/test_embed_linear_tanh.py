@@ -221,9 +221,12 @@ def test_opcheck_forward(device, requires_grad):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_backward(device):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_opcheck_backward(device, layout):
     idx, C, W1, b1, grad_h = make_inputs(19, 3, 5, 23, 11, device, torch.float32, seed=7)
     h = elt(idx, C, W1, b1)
+    if layout == "transposed":  # the fake must report the kernels' contiguous gradients, not C's layout
+        C, W1 = C.t().contiguous().t(), W1.t().contiguous().t()
     # Deterministic so that the "same result twice" sub-checks also hold on CUDA.
     with DeterministicAlgorithms(True):
         torch.library.opcheck(elt_backward, (grad_h, h, idx, C, W1))

@@ -8,7 +8,7 @@
 // and b1 + tanh are applied while the accumulators are still in registers.
 //
 // Backward, per block of rows: grad_pre = grad_h * (1 - h^2) once into a block buffer, then
-// grad_b1 += column sums, grad_W1 += emb^T @ grad_pre, grad_emb = grad_pre @ W1^T; grad_emb (B, K) is
+// grad_b1 += column sums, grad_W1 += emb^T @ grad_pre, grad_emb = grad_pre @ W1^T; grad_emb (B, T*E) is
 // scatter-added into the rows of grad_C at the end. The reductions over B use a partition of the rows that
 // depends only on B (not on the thread count), so CPU results are bitwise reproducible in every mode.
 //
@@ -36,6 +36,9 @@
 #if !defined(__GNUC__)
 #error "embed_linear_tanh.cpp needs GCC or Clang (vector extensions)"
 #endif
+// Note: at::parallel_for is a header template. With torch's OpenMP backend it runs in parallel only when
+// this file is compiled with -fopenmp (extra_compile_args and extra_link_args in setup.py); without it the
+// large-size paths below run on one thread.
 
 // Every function taking or returning a vector is force-inlined into one ISA-specific caller, so the
 // "vector argument changes the ABI" note never applies.
@@ -56,9 +59,14 @@
 namespace charmlp {
 namespace {
 
+// ---- plain reference (what the kernels compute; the tests compare them with this in PyTorch) ---------
+//   emb = C[idx].view(B, K); pre = emb @ W1 + b1; h = tanh(pre)
+//   grad_pre = grad_h * (1 - h^2); grad_b1 = grad_pre.sum(0); grad_W1 = emb^T @ grad_pre
+//   grad_C.index_add_(0, idx.flatten(), (grad_pre @ W1^T).view(B*T, E))
+
 // ---- tuning -------------------------------------------------------------------------------------------
 constexpr int64_t kRowBlock = 64;         // rows per block: the (rows, K) and (rows, H) buffers stay in L1/L2
-constexpr int kMicroRows = 6;             // register block: 6 accumulator vectors (12 ymm on AVX2, of 16)
+constexpr int kMicroRows = 6;             // register block rows (times 1 or 2 vectors, see the ISA clones)
 constexpr int64_t kRowsPerChunk = 2048;   // backward: rows per reduction chunk (fixed, for reproducibility)
 constexpr int64_t kMaxChunks = 64;        // ... and at most this many (K+1, H) partials
 constexpr int64_t kMinTaskWork = 1 << 17;  // multiply-adds below which a parallel task is not worth waking
@@ -439,11 +447,6 @@ CpuIsa cpu_isa() {
 
 CHARMLP_DEFINE_ISA_CLONES(forward_blocks)
 CHARMLP_DEFINE_ISA_CLONES(backward_rows)
-
-// ---- plain reference (documentation of what the kernels compute; tests compare against PyTorch) ----------
-//   emb = C[idx].view(B, K); pre = emb @ W1 + b1; h = tanh(pre)
-//   grad_pre = grad_h * (1 - h^2); grad_b1 = grad_pre.sum(0); grad_W1 = emb^T @ grad_pre
-//   grad_C.index_add_(0, idx.flatten(), (grad_pre @ W1^T).view(B*T, E))
 
 // ---- host functions ----------------------------------------------------------------------------------------
 template <typename scalar_t, typename index_t>

@@ -89,7 +89,12 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("charmlp::embed_linear_tanh_backward")
     def _(grad_h, h, idx, C, W1):
-        return torch.empty_like(C), torch.empty_like(W1), W1.new_empty((W1.shape[1],))
+        # The kernels return contiguous gradients whatever the layout of C and W1.
+        return (
+            torch.empty_like(C, memory_format=torch.contiguous_format),
+            torch.empty_like(W1, memory_format=torch.contiguous_format),
+            W1.new_empty((W1.shape[1],)),
+        )
 
     @torch.library.register_fake("charmlp::cross_entropy")
     def _(logits, targets, reduction, ignore_index):

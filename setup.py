@@ -48,7 +48,10 @@ def cuda_include_dirs() -> list[str]:
 def extensions():
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     # No -std flag: torch.utils.cpp_extension picks the standard the installed torch needs (C++20 from 2.13 on).
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template; with torch's OpenMP backend it only runs in parallel when the
+    # extension itself is compiled and linked with OpenMP.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx_flags = ["-O3", *openmp]
     if want_cuda():
         # sm_80 (A100) and sm_90 (H100/H200) unless the user chose otherwise.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -59,6 +62,7 @@ def extensions():
                 sources,
                 include_dirs=[str(CSRC)] + cuda_include_dirs(),
                 define_macros=[("WITH_CUDA", None)],
+                extra_link_args=openmp,
                 extra_compile_args={
                     "cxx": cxx_flags,
                     # No --use_fast_math: tanh/exp must stay within 1e-5 of the float64 reference.
@@ -72,6 +76,7 @@ def extensions():
             sources,
             include_dirs=[str(CSRC)],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=openmp,
         )
     ]
 

@@ -103,7 +103,7 @@ if HAS_EXTENSION:
     @torch.library.register_fake("charmlp::cross_entropy_forward")
     def _(logits, targets, reduction, ignore_index):
         B = logits.shape[0]
-        return _loss_like(logits, B, reduction), logits.new_empty((B,), dtype=torch.float32)
+        return _loss_like(logits, B, reduction), logits.new_empty((B,), dtype=torch.float64)
 
     @torch.library.register_fake("charmlp::cross_entropy_backward")
     def _(grad_loss, logits, targets, lse, reduction, ignore_index):
@@ -114,9 +114,18 @@ if HAS_EXTENSION:
         return _loss_like(h, h.shape[0], reduction)
 
     @torch.library.register_fake("charmlp::linear_cross_entropy_forward")
-    def _(h, W2, b2, targets, reduction, ignore_index):
+    def _(h, W2, b2, targets, reduction, ignore_index, compute_grad):
         B = h.shape[0]
-        return _loss_like(h, B, reduction), h.new_empty((B,), dtype=torch.float32)
+        loss, lse = _loss_like(h, B, reduction), h.new_empty((B,), dtype=torch.float64)
+        if not compute_grad:
+            return loss, lse, h.new_empty((0,)), W2.new_empty((0,)), b2.new_empty((0,))
+        return (
+            loss,
+            lse,
+            torch.empty_like(h, memory_format=torch.contiguous_format),
+            torch.empty_like(W2, memory_format=torch.contiguous_format),
+            torch.empty_like(b2, memory_format=torch.contiguous_format),
+        )
 
     @torch.library.register_fake("charmlp::linear_cross_entropy_backward")
     def _(grad_loss, h, W2, b2, targets, lse, reduction, ignore_index):

@@ -26,7 +26,9 @@ TORCH_LIBRARY(charmlp, m) {
   // ---- softmax cross-entropy -------------------------------------------------------------------
   // F.cross_entropy semantics for logits (B, V) and targets (B,).
   m.def("cross_entropy(Tensor logits, Tensor targets, int reduction=1, int ignore_index=-100) -> Tensor");
-  // -> (loss, lse (B,) float32 log-sum-exp per row, saved for the backward)
+  // -> (loss, lse (B,) float64 log-sum-exp per row, saved for the backward). float64 whatever the logits'
+  // dtype: a float32 lse near |logits| ~ 1e4 would carry an absolute error of ulp(1e4) ~ 1e-3 into every
+  // softmax probability exp(x - lse) of the backward.
   m.def("cross_entropy_forward(Tensor logits, Tensor targets, int reduction, int ignore_index) -> (Tensor, Tensor)");
   // -> grad_logits (B, V)
   m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, int reduction, int ignore_index) -> Tensor");
@@ -34,8 +36,12 @@ TORCH_LIBRARY(charmlp, m) {
   // ---- linear + cross-entropy (the output layer fused with the loss) ---------------------------
   // loss of logits = h @ W2 + b2 without materialising (B, V); h (B, H), W2 (H, V), b2 (V), targets (B,)
   m.def("linear_cross_entropy(Tensor h, Tensor W2, Tensor b2, Tensor targets, int reduction=1, int ignore_index=-100) -> Tensor");
-  m.def("linear_cross_entropy_forward(Tensor h, Tensor W2, Tensor b2, Tensor targets, int reduction, int ignore_index) -> (Tensor, Tensor)");
-  // -> (grad_h (B, H), grad_W2 (H, V), grad_b2 (V))
+  // -> (loss, lse (B,) float64, grad_h (B, H), grad_W2 (H, V), grad_b2 (V)). With compute_grad the gradients of
+  // the loss for grad_loss = 1 come out of the same pass over the logits (the autograd kernel then only scales
+  // them: 3 GEMMs instead of 4 for forward + backward); without it they are empty (0,) tensors.
+  m.def("linear_cross_entropy_forward(Tensor h, Tensor W2, Tensor b2, Tensor targets, int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad_h (B, H), grad_W2 (H, V), grad_b2 (V)), recomputing the logits tile by tile from lse
+  // (used for reduction="none", where the per-row incoming gradient is only known in the backward).
   m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor h, Tensor W2, Tensor b2, Tensor targets, Tensor lse, int reduction, int ignore_index) -> (Tensor, Tensor, Tensor)");
 
   // ---- whole-training ops (persistent SGD) -----------------------------------------------------

@@ -48,7 +48,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& l
             lse_p[i] = 0;
             continue;
           }
-          std::tie(row_loss[i], lse_p[i]) = cpu_row_forward(x + i * V, V, static_cast<int64_t>(t[i]));
+          const RowResult<scalar_t> r = cpu_row_forward(x + i * V, V, static_cast<int64_t>(t[i]));
+          row_loss[i] = r.loss;
+          lse_p[i] = r.lse;
         }
       });
       if (reduction != kNone) {

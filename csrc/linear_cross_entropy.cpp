@@ -2,16 +2,18 @@
 // holding the (B, V) logits.
 //
 // Rows of B are processed in chunks (as Liger Kernel's fused linear cross-entropy does): per chunk, one GEMM
-// writes the chunk's logits into a reusable (rows, V) buffer, a row loop turns them into loss, lse and (when a
-// gradient is wanted) the gradient g * (softmax - onehot) in place, and two GEMMs consume that gradient:
+// writes the chunk's logits into a reusable (rows, V) buffer, a row loop adds b2 and turns them into loss, lse and
+// (when a gradient is wanted) the gradient g * (softmax - onehot) in place, and two GEMMs consume that gradient:
 // grad_h[chunk] = D @ W2^T and grad_W2 += h[chunk]^T @ D. Extra memory is one chunk, O(rows * V), not O(B * V).
 //
-// Computing the gradient during the forward (compute_grad, for reduction mean/sum, whose incoming gradient is a
-// scalar that only scales the result) costs 3 GEMMs for forward + backward instead of the 4 of recomputing the
-// logits in the backward (Cut Cross-Entropy); reduction="none" needs the per-row incoming gradient, so its
-// backward recomputes the logits chunk by chunk from the saved lse (linear_cross_entropy_backward).
+// The autograd kernel picks one of three routes from the shapes (see Route below): the gradients for
+// grad_loss = 1 computed by the forward's pass (mean/sum: 3 GEMMs for forward + backward instead of the 4 of
+// recomputing the logits in the backward, as Cut Cross-Entropy does); the logits recomputed chunk by chunk from
+// the saved lse by linear_cross_entropy_backward (reduction="none", whose per-row incoming gradient only the
+// backward knows); or, for V <= H / 4 at large B, the (B, V) logits kept (smaller than h there) and
+// cross_entropy's own ops applied to them.
 //
-// This file: the CPU kernels (GEMMs through at::addmm_out / at::mm_out, i.e. MKL, plus the shared row kernels of
+// This file: the CPU kernels (GEMMs through at::mm_out, i.e. MKL, plus the shared row kernels of
 // cross_entropy.h), the autograd kernel, the CompositeExplicitAutograd kernel and their registration. The CUDA
 // kernels are in linear_cross_entropy_cuda.cu.
 #include "cross_entropy.h"
@@ -38,44 +40,59 @@ int64_t cpu_chunk_rows(int64_t B, int64_t V) {
   return std::min(B, std::max(kCpuMinChunkRows, kCpuChunkElems / V));
 }
 
-// The chunk loop shared by the forward and the backward. For each chunk of rows: logits = h[chunk] @ W2 + b2 into
-// the buffer, then row_fn(i, row) on each of its rows (i global; row_fn may overwrite the row with its gradient
-// D), then with_grad: grad_h[chunk] = D @ W2^T, grad_W2 += h[chunk]^T @ D, grad_b2 += colsum(D).
-template <typename scalar_t, typename RowFn>
+// The chunk loop shared by the forward and the backward. For each chunk of rows: logits = h[chunk] @ W2 into the
+// buffer, + b2 on each row, then rows_fn(r0, begin, end, x) on the chunk's rows [begin, end) (stored at
+// x + r * V; batch rows r0 + r), which may overwrite them with their gradient D; then with_grad:
+// grad_h[chunk] = D @ W2^T, grad_W2 += h[chunk]^T @ D, grad_b2 += colsum(D).
+// The bias is added row by row, in cache, rather than by at::addmm_out, whose broadcast copy of b2 costs ~1 us
+// at the seed's size.
+template <typename scalar_t, typename RowsFn>
 void linear_cross_entropy_chunks_cpu(const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b2,
-                                     const RowFn& row_fn, bool with_grad, at::Tensor& grad_h, at::Tensor& grad_W2,
+                                     const RowsFn& rows_fn, bool with_grad, at::Tensor& grad_h, at::Tensor& grad_W2,
                                      at::Tensor& grad_b2) {
   const int64_t B = h.size(0), V = W2.size(1);
-  // grad_b2's column sums over all B rows, in float64: summed row after row in float32 they would lose
-  // ~sqrt(B) ulp (1e-5 at B = 65,536), where PyTorch's cascaded sum loses almost nothing.
-  std::vector<double> colsum(with_grad ? V : 0, 0.0);
+  const int64_t R = cpu_chunk_rows(B, V), grain = cpu_row_grain(V);
+  // grad_b2's column sums in float64: summed row after row in float32 they would lose ~sqrt(B) ulp (1e-5 at
+  // B = 65,536), where PyTorch's cascaded sum loses almost nothing. Each parallel task adds its rows, while they
+  // are in cache, into its own partial sums (tasks start >= grain rows apart, so begin / grain names them); the
+  // partials are then added in a fixed order.
+  const int64_t n_parts = (std::min(R, B) + grain - 1) / grain;
+  std::vector<double> colsum(with_grad ? V : 0, 0.0), partial(with_grad ? n_parts * V : 0);
   if (with_grad && B == 0) grad_W2.zero_();
-  const int64_t R = cpu_chunk_rows(B, V);
+  const at::Tensor bias = b2.contiguous();
+  const scalar_t* b = bias.const_data_ptr<scalar_t>();
   at::Tensor buf = at::empty({R, V}, h.options());  // buf is (R, V): a chunk of logits, then of their gradient
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t n = std::min(R, B - r0);
-    at::Tensor logits = buf.narrow(0, 0, n);  // logits is (n, V)
-    const at::Tensor h_c = h.narrow(0, r0, n);  // h_c is (n, H)
-    at::addmm_out(logits, b2, h_c, W2);
+    at::Tensor logits = row_slice(buf, 0, n);  // logits is (n, V)
+    const at::Tensor h_c = row_slice(h, r0, n);  // h_c is (n, H)
+    at::mm_out(logits, h_c, W2);
     scalar_t* x = logits.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, cpu_row_grain(V), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) row_fn(r0 + r, x + r * V);
+    std::fill(partial.begin(), partial.end(), 0.0);
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* row = x + r * V;
+        for (int64_t j = 0; j < V; ++j) row[j] += b[j];
+      }
+      rows_fn(r0, begin, end, x);
+      if (!with_grad) return;
+      double* part = partial.data() + begin / grain * V;
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* d = x + r * V;
+        for (int64_t j = 0; j < V; ++j) part[j] += d[j];
+      }
     });
     if (!with_grad) continue;
-    at::Tensor grad_h_c = grad_h.narrow(0, r0, n);
+    for (int64_t p = 0; p < n_parts; ++p) {
+      for (int64_t j = 0; j < V; ++j) colsum[j] += partial[p * V + j];
+    }
+    at::Tensor grad_h_c = row_slice(grad_h, r0, n);
     at::mm_out(grad_h_c, logits, W2.t());
     if (r0 == 0) {
       at::mm_out(grad_W2, h_c.t(), logits);
     } else {
       grad_W2.addmm_(h_c.t(), logits);
     }
-    // Parallel over columns: each thread adds its own slice in row order (deterministic).
-    at::parallel_for(0, V, std::max<int64_t>(1, kCpuGrainElems / n), [&](int64_t j0, int64_t j1) {
-      for (int64_t r = 0; r < n; ++r) {
-        const scalar_t* d = x + r * V;
-        for (int64_t j = j0; j < j1; ++j) colsum[j] += d[j];
-      }
-    });
   }
   if (with_grad) {
     scalar_t* gb = grad_b2.mutable_data_ptr<scalar_t>();
@@ -97,8 +114,8 @@ void reduce_loss_cpu(const scalar_t* row_loss, int64_t B, int64_t n_valid, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
     const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b2, const at::Tensor& targets_, int64_t reduction,
     int64_t ignore_index, bool compute_grad) {
-  int64_t B, H, V;
-  std::tie(B, H, V) = check_linear_cross_entropy_args(h, W2, b2, targets_, reduction, /*allow_half=*/false);
+  check_linear_cross_entropy_args(h, W2, b2, targets_, reduction, /*allow_half=*/false);
+  const int64_t B = h.size(0), H = h.size(1), V = W2.size(1);
   const at::Tensor targets = targets_.contiguous();
   at::Tensor loss = reduction == kNone ? at::empty({B}, h.options()) : at::empty({}, h.options());
   at::Tensor lse = at::empty({B}, h.options().dtype(at::kDouble));
@@ -116,18 +133,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       double* lse_p = lse.mutable_data_ptr<double>();
       // the gradient for grad_loss = 1 (only read for counted rows, so n_valid > 0 there)
       const scalar_t scale = reduction == kMean ? scalar_t(1) / static_cast<scalar_t>(n_valid) : scalar_t(1);
-      auto row_fn = [&](int64_t i, scalar_t* x) {
-        if (t[i] == ignore_index) {
-          row_loss[i] = 0;
-          lse_p[i] = 0;
-          if (compute_grad) std::fill(x, x + V, scalar_t(0));
-          return;
+      auto rows_fn = [&](int64_t r0, int64_t begin, int64_t end, scalar_t* x) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = r0 + r;
+          scalar_t* row = x + r * V;
+          if (t[i] == ignore_index) {
+            row_loss[i] = 0;
+            lse_p[i] = 0;
+            if (compute_grad) std::fill(row, row + V, scalar_t(0));
+            continue;
+          }
+          const int64_t ti = t[i];
+          const RowResult<scalar_t> res =
+              compute_grad ? cpu_row_forward_grad(row, V, ti, scale) : cpu_row_forward(row, V, ti);
+          row_loss[i] = res.loss;
+          lse_p[i] = res.lse;
         }
-        const int64_t ti = t[i];
-        std::tie(row_loss[i], lse_p[i]) =
-            compute_grad ? cpu_row_forward_grad(x, V, ti, scale) : cpu_row_forward(x, V, ti);
       };
-      linear_cross_entropy_chunks_cpu<scalar_t>(h, W2, b2, row_fn, compute_grad, grad_h, grad_W2, grad_b2);
+      linear_cross_entropy_chunks_cpu<scalar_t>(h, W2, b2, rows_fn, compute_grad, grad_h, grad_W2, grad_b2);
       reduce_loss_cpu(row_loss, B, n_valid, reduction, loss);
     });
   });
@@ -137,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b2,
     const at::Tensor& targets_, const at::Tensor& lse_, int64_t reduction, int64_t ignore_index) {
-  int64_t B, H, V;
-  std::tie(B, H, V) = check_linear_cross_entropy_args(h, W2, b2, targets_, reduction, /*allow_half=*/false);
+  check_linear_cross_entropy_args(h, W2, b2, targets_, reduction, /*allow_half=*/false);
+  const int64_t B = h.size(0), H = h.size(1), V = W2.size(1);
   check_backward_args(grad_loss, lse_, h, "h", B, reduction);
   const at::Tensor targets = targets_.contiguous();
   const at::Tensor lse = lse_.contiguous();
@@ -153,15 +176,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
       const double* lse_p = lse.const_data_ptr<double>();
       const scalar_t* g = grad_loss.const_data_ptr<scalar_t>();
       const int64_t g_stride = reduction == kNone ? grad_loss.stride(0) : 0;
-      auto row_fn = [&](int64_t i, scalar_t* x) {
-        if (t[i] == ignore_index) {
-          std::fill(x, x + V, scalar_t(0));
-          return;
+      auto rows_fn = [&](int64_t r0, int64_t begin, int64_t end, scalar_t* x) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = r0 + r;
+          scalar_t* row = x + r * V;
+          if (t[i] == ignore_index) {
+            std::fill(row, row + V, scalar_t(0));
+            continue;
+          }
+          const scalar_t scale = row_grad_scale(reduction, g[i * g_stride], n_valid);
+          cpu_row_backward(row, row, V, static_cast<int64_t>(t[i]), lse_p[i], scale);  // in place
         }
-        const scalar_t scale = row_grad_scale(reduction, g[i * g_stride], n_valid);
-        cpu_row_backward(x, x, V, static_cast<int64_t>(t[i]), lse_p[i], scale);
       };
-      linear_cross_entropy_chunks_cpu<scalar_t>(h, W2, b2, row_fn, /*with_grad=*/true, grad_h, grad_W2, grad_b2);
+      linear_cross_entropy_chunks_cpu<scalar_t>(h, W2, b2, rows_fn, /*with_grad=*/true, grad_h, grad_W2, grad_b2);
     });
   });
   return {grad_h, grad_W2, grad_b2};
@@ -175,19 +202,52 @@ using BackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tens
                                                                   const at::Tensor&, const at::Tensor&,
                                                                   const at::Tensor&, const at::Tensor&, int64_t,
                                                                   int64_t);
+using CeForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, int64_t);
+using CeBackwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                int64_t);
+
+// Looked up once: the dispatcher's schema search costs more than the seed-size kernel itself.
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
 
 const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("charmlp::linear_cross_entropy_forward", "")
-                             .typed<ForwardFn>();
+  static const auto op = find_op<ForwardFn>("charmlp::linear_cross_entropy_forward");
+  return op;
+}
+const c10::TypedOperatorHandle<BackwardFn>& backward_op() {
+  static const auto op = find_op<BackwardFn>("charmlp::linear_cross_entropy_backward");
+  return op;
+}
+const c10::TypedOperatorHandle<CeForwardFn>& ce_forward_op() {
+  static const auto op = find_op<CeForwardFn>("charmlp::cross_entropy_forward");
+  return op;
+}
+const c10::TypedOperatorHandle<CeBackwardFn>& ce_backward_op() {
+  static const auto op = find_op<CeBackwardFn>("charmlp::cross_entropy_backward");
   return op;
 }
 
-const c10::TypedOperatorHandle<BackwardFn>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("charmlp::linear_cross_entropy_backward", "")
-                             .typed<BackwardFn>();
-  return op;
+// How forward and backward share the work, chosen per call from the shapes (guards under torch.compile).
+enum Route : int64_t {
+  // mean/sum: the forward's pass also yields the gradients for grad_loss = 1 and the backward scales them:
+  // 3 GEMMs in all, plus one pass over grad_h (B, H) and grad_W2 (H, V).
+  kPrecomputed = 0,
+  // none (grad_loss per row): the backward op recomputes the logits chunk by chunk from lse: 4 GEMMs, O(B) kept.
+  kRecompute = 1,
+  // V <= H / 4 at large B (the big-batch case, V = 27, H = 200): the (B, V) logits are smaller than h, so keep them
+  // and differentiate cross_entropy on them: 3 GEMMs and no pass over (B, H) to scale, which would cost more
+  // than the GEMM it saves (e.g. 13 ms against 7 ms for B = 65,536 on this 2-core CPU).
+  kViaLogits = 2,
+};
+
+constexpr int64_t kViaLogitsMinBH = int64_t(1) << 20;
+
+Route choose_route(const at::Tensor& h, const at::Tensor& W2, int64_t reduction) {
+  const c10::SymInt B = h.sym_size(0), H = h.sym_size(1), V = W2.sym_size(1);
+  if (V * 4 <= H && B * H >= kViaLogitsMinBH) return kViaLogits;
+  return reduction == kNone ? kRecompute : kPrecomputed;
 }
 
 class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
@@ -195,19 +255,24 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
   // Only called when autograd records the call (see linear_cross_entropy_autograd).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, const at::Tensor& W2,
                             const at::Tensor& b2, const at::Tensor& targets, int64_t reduction,
-                            int64_t ignore_index) {
+                            int64_t ignore_index, int64_t route) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    // mean/sum: take the gradient for grad_loss = 1 from the forward's pass, the backward only scales it.
-    const bool precompute = reduction != kNone;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["route"] = route;
+    if (route == kViaLogits) {
+      at::Tensor logits = at::addmm(b2, h, W2);  // logits is (B, V)
+      auto [loss, lse] = ce_forward_op().call(logits, targets, reduction, ignore_index);
+      ctx->save_for_backward({h, W2, logits, targets, lse});
+      return loss;
+    }
     auto [loss, lse, grad_h, grad_W2, grad_b2] =
-        forward_op().call(h, W2, b2, targets, reduction, ignore_index, precompute);
-    if (precompute) {
+        forward_op().call(h, W2, b2, targets, reduction, ignore_index, /*compute_grad=*/route == kPrecomputed);
+    if (route == kPrecomputed) {
       ctx->save_for_backward({grad_h, grad_W2, grad_b2});
     } else {
       ctx->save_for_backward({h, W2, b2, targets, lse});
     }
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["ignore_index"] = ignore_index;
     return loss;
   }
 
@@ -215,14 +280,24 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const int64_t route = ctx->saved_data["route"].toInt();
     const at::Tensor& g = grad_outputs[0];
-    if (reduction != kNone) {  // g is a scalar: scale the precomputed gradients
+    const at::Tensor none;
+    if (route == kPrecomputed) {  // g is a scalar
       auto scaled = [&](int idx) { return ctx->needs_input_grad(idx) ? saved[idx] * g : at::Tensor(); };
-      return {scaled(0), scaled(1), scaled(2), at::Tensor(), at::Tensor(), at::Tensor()};
+      return {scaled(0), scaled(1), scaled(2), none, none, none, none};
     }
-    auto [grad_h, grad_W2, grad_b2] = backward_op().call(g, saved[0], saved[1], saved[2], saved[3], saved[4],
-                                                         reduction, ctx->saved_data["ignore_index"].toInt());
-    return {grad_h, grad_W2, grad_b2, at::Tensor(), at::Tensor(), at::Tensor()};
+    if (route == kViaLogits) {
+      const at::Tensor &h = saved[0], &W2 = saved[1];
+      const at::Tensor grad_logits = ce_backward_op().call(g, saved[2], saved[3], saved[4], reduction, ignore_index);
+      return {ctx->needs_input_grad(0) ? at::mm(grad_logits, W2.t()) : none,
+              ctx->needs_input_grad(1) ? at::mm(h.t(), grad_logits) : none,
+              ctx->needs_input_grad(2) ? grad_logits.sum(0) : none, none, none, none, none};
+    }
+    auto [grad_h, grad_W2, grad_b2] =
+        backward_op().call(g, saved[0], saved[1], saved[2], saved[3], saved[4], reduction, ignore_index);
+    return {grad_h, grad_W2, grad_b2, none, none, none, none};
   }
 };
 
@@ -234,7 +309,10 @@ at::Tensor linear_cross_entropy_autograd(const at::Tensor& h, const at::Tensor& 
     at::AutoDispatchBelowADInplaceOrView guard;
     return std::get<0>(forward_op().call(h, W2, b2, targets, reduction, ignore_index, /*compute_grad=*/false));
   }
-  return LinearCrossEntropyFunction::apply(h, W2, b2, targets, reduction, ignore_index);
+  // The route reads the shapes, so the arguments are checked here first (with the forward op's messages).
+  check_linear_cross_entropy_args(h, W2, b2, targets, reduction, /*allow_half=*/!h.is_cpu());
+  return LinearCrossEntropyFunction::apply(h, W2, b2, targets, reduction, ignore_index,
+                                           static_cast<int64_t>(choose_route(h, W2, reduction)));
 }
 
 at::Tensor linear_cross_entropy_composite(const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b2,

@@ -342,21 +342,21 @@ void chunked_path(const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b
   at::Tensor buf = at::empty({R, V}, h.options());  // buf is (R, V): a chunk of logits, then of their gradient
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t n = std::min(R, B - r0);
-    at::Tensor logits = buf.narrow(0, 0, n);  // logits is (n, V)
-    at::addmm_out(logits, b2, h.narrow(0, r0, n), W2);
-    const at::Tensor targets_c = targets.narrow(0, r0, n);
+    at::Tensor logits = row_slice(buf, 0, n);  // logits is (n, V)
+    at::addmm_out(logits, b2, row_slice(h, r0, n), W2);
+    const at::Tensor targets_c = row_slice(targets, r0, n);
     if (forward) {
-      cross_entropy_rows_forward_cuda(logits, targets_c, ignore_index, row_losses.narrow(0, r0, n),
-                                      lse.narrow(0, r0, n), with_grad, n_valid, reduction);
+      cross_entropy_rows_forward_cuda(logits, targets_c, ignore_index, row_slice(row_losses, r0, n),
+                                      row_slice(lse, r0, n), with_grad, n_valid, reduction);
     } else {
-      const at::Tensor g = reduction == kNone ? grad_loss.narrow(0, r0, n) : grad_loss;
-      cross_entropy_rows_backward_cuda(logits, targets_c, saved_lse.narrow(0, r0, n), g, n_valid, reduction,
+      const at::Tensor g = reduction == kNone ? row_slice(grad_loss, r0, n) : grad_loss;
+      cross_entropy_rows_backward_cuda(logits, targets_c, row_slice(saved_lse, r0, n), g, n_valid, reduction,
                                        ignore_index, logits);
     }
     if (!with_grad) continue;
-    at::Tensor grad_h_c = grads.h.narrow(0, r0, n);
+    at::Tensor grad_h_c = row_slice(grads.h, r0, n);
     at::mm_out(grad_h_c, logits, W2.t());
-    const at::Tensor h_aug_c = h_aug.narrow(0, r0, n);
+    const at::Tensor h_aug_c = row_slice(h_aug, r0, n);
     if (r0 == 0) {
       at::mm_out(grad_Wb, h_aug_c.t(), logits);
     } else {
@@ -376,8 +376,8 @@ bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.sca
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cuda(
     const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b2, const at::Tensor& targets_, int64_t reduction,
     int64_t ignore_index, bool compute_grad) {
-  int64_t B, H, V;
-  std::tie(B, H, V) = check_linear_cross_entropy_args(h, W2, b2, targets_, reduction, /*allow_half=*/true);
+  check_linear_cross_entropy_args(h, W2, b2, targets_, reduction, /*allow_half=*/true);
+  const int64_t B = h.size(0), H = h.size(1), V = W2.size(1);
   const c10::cuda::CUDAGuard guard(h.device());
   if (is_half(h)) {
     const auto dtype = h.scalar_type();
@@ -418,8 +418,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b2,
     const at::Tensor& targets_, const at::Tensor& lse_, int64_t reduction, int64_t ignore_index) {
-  int64_t B, H, V;
-  std::tie(B, H, V) = check_linear_cross_entropy_args(h, W2, b2, targets_, reduction, /*allow_half=*/true);
+  check_linear_cross_entropy_args(h, W2, b2, targets_, reduction, /*allow_half=*/true);
+  const int64_t B = h.size(0), H = h.size(1), V = W2.size(1);
   check_backward_args(grad_loss, lse_, h, "h", B, reduction);
   const c10::cuda::CUDAGuard guard(h.device());
   if (is_half(h)) {

@@ -21,9 +21,10 @@ REDUCTIONS = ["mean", "sum", "none"]
 FLOAT_DTYPES = [torch.float32, torch.float64]
 # (B, H, V): odd sizes; the seed (32, 200, 27); V on both sides of the CUDA small kernel's limits (V <= 128,
 # B <= 4096); several chunks of rows on CPU (V = 4099: 511 rows per chunk; V = 50,000: 256) and on CUDA
-# (V = 50,000: 256 rows per chunk).
+# (V = 50,000: 256 rows per chunk); (8200, 128, 27): V <= H / 4 and B * H >= 2^20, where autograd keeps the
+# small (B, V) logits instead of precomputing the gradients.
 SHAPES = [(1, 1, 2), (2, 3, 5), (7, 16, 27), (32, 200, 27), (33, 17, 129), (64, 65, 1000), (5, 512, 300),
-          (300, 31, 4099), (1100, 9, 4099), (600, 8, 50000), (4096, 64, 40)]
+          (300, 31, 4099), (1100, 9, 4099), (600, 8, 50000), (4096, 64, 40), (8200, 128, 27)]
 
 
 def _seed(*parts) -> torch.Generator:
@@ -135,6 +136,25 @@ def test_backward_op_agrees_with_precomputed_gradients(device, reduction, B, H, 
     rh, rW, rb = torch.ops.charmlp.linear_cross_entropy_backward(grad_loss, h, W2, b2, t, lse, red, -100)
     for name, a, e in [("grad_h", rh, gh * 1.7), ("grad_W2", rW, gW * 1.7), ("grad_b2", rb, gb * 1.7)]:
         assert rel_error(a, e) <= 1e-12, f"{name}: the two backward routes differ by {rel_error(a, e):.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,H,V,reduction,expected", [
+    (32, 200, 27, "mean", ["charmlp::linear_cross_entropy_forward"]),
+    (32, 200, 27, "none", ["charmlp::linear_cross_entropy_forward", "charmlp::linear_cross_entropy_backward"]),
+    (8200, 128, 27, "sum", ["charmlp::cross_entropy_forward", "charmlp::cross_entropy_backward"]),
+])
+def test_autograd_routes(device, B, H, V, reduction, expected):
+    """Which ops forward + backward run: gradients from the forward's pass (mean/sum), logits recomputed by the
+    backward op (none), or cross_entropy on kept logits (V <= H / 4 at large B)."""
+    g = _seed("routes", B, H, V, reduction)
+    params = [x.to(device).requires_grad_() for x in _inputs(B, H, V, g, torch.float32)[:3]]
+    t = _inputs(B, H, V, g)[3].to(device)
+    with torch.profiler.profile() as prof:
+        loss = ops.linear_cross_entropy(*params, t, reduction)
+        torch.autograd.grad(loss.sum(), params)
+    ran = {e.key for e in prof.key_averages() if e.key.startswith("charmlp::")}
+    assert ran == {"charmlp::linear_cross_entropy", *expected}, ran
 
 
 @requires_cuda
@@ -281,9 +301,11 @@ def test_opcheck(device, reduction):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compile_fullgraph_matches_eager(device, reduction):
-    g = _seed("compile", reduction)
-    h, W2, b2, t = (x.to(device) for x in _inputs(16, 10, 27, g, torch.float32))
+@pytest.mark.parametrize("B,H,V", [(16, 10, 27), (8200, 128, 27)])
+def test_compile_fullgraph_matches_eager(device, reduction, B, H, V):
+    """Every autograd route (gradients precomputed, logits recomputed, logits kept) traces and matches eager."""
+    g = _seed("compile", reduction, B)
+    h, W2, b2, t = (x.to(device) for x in _inputs(B, H, V, g, torch.float32))
 
     def f(h, W2, b2, t):
         return ops.linear_cross_entropy(torch.tanh(h), W2, b2, t, reduction).sum()
@@ -294,9 +316,10 @@ def test_compile_fullgraph_matches_eager(device, reduction):
     loss_e, loss_c = f(*pe, t), compiled(*pc, t)
     grads_e = torch.autograd.grad(loss_e, pe)
     grads_c = torch.autograd.grad(loss_c, pc)
-    assert rel_error(loss_c, loss_e) <= 1e-6
+    # float32 throughout; Inductor may order the sums of the tanh and of the kept-logits route differently
+    assert rel_error(loss_c, loss_e) <= 1e-5
     for a, e in zip(grads_c, grads_e):
-        assert rel_error(a, e) <= 1e-6
+        assert rel_error(a, e) <= 1e-5
 
 
 # ---- memory (CUDA) ------------------------------------------------------------------------------------------

@@ -42,16 +42,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& l
       scalar_t* row_loss = reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : scratch.data();
       double* lse_p = lse.mutable_data_ptr<double>();
       at::parallel_for(0, B, cpu_row_grain(V), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          if (t[i] == ignore_index) {
-            row_loss[i] = 0;
-            lse_p[i] = 0;
-            continue;
-          }
-          const RowResult<scalar_t> r = cpu_row_forward(x + i * V, V, static_cast<int64_t>(t[i]));
-          row_loss[i] = r.loss;
-          lse_p[i] = r.lse;
-        }
+        cpu_forward_rows(x, V, t, ignore_index, begin, end, row_loss, lse_p);
       });
       if (reduction != kNone) {
         double sum = 0;
@@ -86,15 +77,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
       scalar_t* y = grad.mutable_data_ptr<scalar_t>();
       const int64_t n_valid = check_targets_cpu(t, B, V, ignore_index);
       at::parallel_for(0, B, cpu_row_grain(V), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          scalar_t* y_row = y + i * V;
-          if (t[i] == ignore_index) {
-            std::fill(y_row, y_row + V, scalar_t(0));
-            continue;
-          }
-          const scalar_t scale = row_grad_scale(reduction, g[i * g_stride], n_valid);
-          cpu_row_backward(x + i * V, y_row, V, static_cast<int64_t>(t[i]), lse_p[i], scale);
-        }
+        cpu_backward_rows(x, y, V, t, ignore_index, begin, end, lse_p, g, g_stride, reduction, n_valid);
       });
     });
   });

@@ -133,21 +133,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       double* lse_p = lse.mutable_data_ptr<double>();
       // the gradient for grad_loss = 1 (only read for counted rows, so n_valid > 0 there)
       const scalar_t scale = reduction == kMean ? scalar_t(1) / static_cast<scalar_t>(n_valid) : scalar_t(1);
+      // the chunk's rows [begin, end), batch rows r0 + [begin, end)
       auto rows_fn = [&](int64_t r0, int64_t begin, int64_t end, scalar_t* x) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t i = r0 + r;
-          scalar_t* row = x + r * V;
-          if (t[i] == ignore_index) {
-            row_loss[i] = 0;
-            lse_p[i] = 0;
-            if (compute_grad) std::fill(row, row + V, scalar_t(0));
-            continue;
-          }
-          const int64_t ti = t[i];
-          const RowResult<scalar_t> res =
-              compute_grad ? cpu_row_forward_grad(row, V, ti, scale) : cpu_row_forward(row, V, ti);
-          row_loss[i] = res.loss;
-          lse_p[i] = res.lse;
+        if (compute_grad) {
+          cpu_forward_grad_rows(x, V, t + r0, ignore_index, begin, end, scale, row_loss + r0, lse_p + r0);
+        } else {
+          cpu_forward_rows(x, V, t + r0, ignore_index, begin, end, row_loss + r0, lse_p + r0);
         }
       };
       linear_cross_entropy_chunks_cpu<scalar_t>(h, W2, b2, rows_fn, compute_grad, grad_h, grad_W2, grad_b2);
@@ -176,17 +167,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
       const double* lse_p = lse.const_data_ptr<double>();
       const scalar_t* g = grad_loss.const_data_ptr<scalar_t>();
       const int64_t g_stride = reduction == kNone ? grad_loss.stride(0) : 0;
-      auto rows_fn = [&](int64_t r0, int64_t begin, int64_t end, scalar_t* x) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t i = r0 + r;
-          scalar_t* row = x + r * V;
-          if (t[i] == ignore_index) {
-            std::fill(row, row + V, scalar_t(0));
-            continue;
-          }
-          const scalar_t scale = row_grad_scale(reduction, g[i * g_stride], n_valid);
-          cpu_row_backward(row, row, V, static_cast<int64_t>(t[i]), lse_p[i], scale);  // in place
-        }
+      auto rows_fn = [&](int64_t r0, int64_t begin, int64_t end, scalar_t* x) {  // in place
+        cpu_backward_rows(x, x, V, t + r0, ignore_index, begin, end, lse_p + r0, g + r0 * g_stride, g_stride,
+                          reduction, n_valid);
       };
       linear_cross_entropy_chunks_cpu<scalar_t>(h, W2, b2, rows_fn, /*with_grad=*/true, grad_h, grad_W2, grad_b2);
     });

@@ -389,18 +389,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   at::Tensor loss = reduction == kNone ? at::empty({B}, h.options()) : at::empty({}, h.options());
   at::Tensor lse = at::empty({B}, h.options().dtype(at::kDouble));
   at::Tensor row_losses = reduction == kNone ? loss : at::empty({B}, h.options());
-  Grads grads;
-  if (compute_grad) {
-    grads.h = at::empty({B, H}, h.options());
-    grads.W2 = at::empty({H, V}, h.options());
-    grads.b2 = at::empty({V}, h.options());
-  }
+  Grads grads;  // grad_W2 and grad_b2 are allocated by the path (the chunked one slices them from one GEMM output)
+  if (compute_grad) grads.h = at::empty({B, H}, h.options());
   if (use_small_path(B, H, V, h.element_size(), compute_grad)) {
+    if (compute_grad) {  // written whole by the kernels, unless the batch is empty
+      grads.W2 = B > 0 ? at::empty({H, V}, h.options()) : at::zeros({H, V}, h.options());
+      grads.b2 = B > 0 ? at::empty({V}, h.options()) : at::zeros({V}, h.options());
+    }
     if (B > 0) {
       small_path(h, W2, b2, targets, reduction, ignore_index, at::Tensor(), compute_grad, row_losses, lse, grads);
-    } else if (compute_grad) {
-      grads.W2.zero_();
-      grads.b2.zero_();
     }
   } else {
     chunked_path(h, W2, b2, targets, reduction, ignore_index, at::Tensor(), at::Tensor(), compute_grad, row_losses,
@@ -431,14 +428,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
   }
   const at::Tensor targets = targets_.contiguous();
   const at::Tensor lse = lse_.contiguous();
-  Grads grads{at::empty({B, H}, h.options()), at::empty({H, V}, h.options()), at::empty({V}, h.options())};
+  Grads grads;  // grad_W2 and grad_b2 are allocated by the path (the chunked one slices them from one GEMM output)
+  grads.h = at::empty({B, H}, h.options());
   if (use_small_path(B, H, V, h.element_size(), /*with_grad=*/true)) {
+    grads.W2 = B > 0 ? at::empty({H, V}, h.options()) : at::zeros({H, V}, h.options());
+    grads.b2 = B > 0 ? at::empty({V}, h.options()) : at::zeros({V}, h.options());
     if (B > 0) {
       small_path(h, W2, b2, targets, reduction, ignore_index, grad_loss, /*with_grad=*/true, at::Tensor(),
                  at::Tensor(), grads);
-    } else {
-      grads.W2.zero_();
-      grads.b2.zero_();
     }
   } else {
     chunked_path(h, W2, b2, targets, reduction, ignore_index, grad_loss, lse, /*with_grad=*/true, at::Tensor(),

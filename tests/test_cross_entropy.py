@@ -6,6 +6,10 @@ than twice plain PyTorch's own float32 error against the float64 truth. Errors a
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,6 +245,51 @@ def test_without_autograd(device):
         out = ops.cross_entropy(x.clone().requires_grad_(), t)
         assert not out.requires_grad
         assert_close(out, expected, rtol=1e-12, name="no_grad")
+
+
+_VARIANT_SCRIPT = r"""
+import torch, torch.nn.functional as F
+import charmlp_fast.ops as ops
+g = torch.Generator().manual_seed(0)
+worst = {}
+for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-10)]:
+    for B, H, V in [(5, 3, 2), (33, 20, 27), (9, 16, 200), (4, 8, 4099)]:
+        for reduction in ["mean", "sum", "none"]:
+            h = torch.randn(B, H, generator=g, dtype=torch.float64)
+            W2 = torch.randn(H, V, generator=g, dtype=torch.float64)
+            b2 = torch.randn(V, generator=g, dtype=torch.float64)
+            t = torch.randint(0, V, (B,), generator=g)
+            t[1] = -100
+            go = torch.randn((B,) if reduction == "none" else (), generator=g, dtype=torch.float64)
+            for op in ("ce", "lce"):
+                ours_in = [x.to(dtype).requires_grad_() for x in (h, W2, b2)]
+                ref_in = [x.to(dtype).double().requires_grad_() for x in (h, W2, b2)]
+                if op == "ce":
+                    ours = ops.cross_entropy(ours_in[0] @ ours_in[1] + ours_in[2], t, reduction)
+                    ref = F.cross_entropy(ref_in[0] @ ref_in[1] + ref_in[2], t, reduction=reduction)
+                else:
+                    ours = ops.linear_cross_entropy(*ours_in, t, reduction)
+                    ref = F.cross_entropy(ref_in[0] @ ref_in[1] + ref_in[2], t, reduction=reduction)
+                outs = [ours, *torch.autograd.grad(ours, ours_in, go.to(dtype))]
+                refs = [ref, *torch.autograd.grad(ref, ref_in, go)]
+                for a, e in zip(outs, refs):
+                    if e.abs().max() == 0:
+                        continue
+                    err = ((a.double() - e).abs().max() / e.abs().max()).item()
+                    assert err <= tol, (op, dtype, B, H, V, reduction, err)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_isa_variants(capability):
+    """The CPU row kernels are compiled per ISA (16-byte vectors, AVX2 + FMA, AVX-512) and picked at run time; run
+    the ones this machine would not pick, through PyTorch's ATEN_CPU_CAPABILITY cap, against float64 (fresh
+    process: the choice is made once)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 # ---- registration: gradcheck, opcheck, torch.compile --------------------------------------------------------

@@ -1,7 +1,7 @@
 // Shared by the cross_entropy and linear_cross_entropy op families, CPU and CUDA alike:
 //   1. argument checks (one place, so that both backends reject bad input with the same message);
 //   2. the scalar math of a numerically stable softmax cross-entropy row, marked CHARMLP_HOST_DEVICE;
-//   3. the CPU row kernels (plain loops over one row of logits, used by both families' CPU kernels);
+//   3. the CPU row kernels (SIMD loops over rows of logits, used by both families' CPU kernels);
 //   4. the CUDA row launchers that linear_cross_entropy_cuda.cu borrows from cross_entropy_cuda.cu.
 //
 // Notation: logits x (B, V), targets t (B,), row i counted unless t[i] == ignore_index.
@@ -200,14 +200,14 @@ CHARMLP_HOST_DEVICE acc_t row_grad_scale(int64_t reduction, acc_t g, int64_t n_v
 }
 
 // ==== 3. CPU row kernels =============================================================================
-// One row of logits at a time; the callers parallelise over rows.
+// Ranges of rows of logits; the callers parallelise over rows.
 //
 // The loops use GCC/Clang vector extensions and a vectorisable exp, because the extension is built without
 // -march flags: scalar libm expf calls and a loop-carried max cost ~4 ns per logit, more than all of eager
-// PyTorch's (AVX-512) cross-entropy at the seed's size. Every row function exists twice: 16-byte vectors (SSE2,
-// any x86-64; NEON on arm64) and, on x86-64, 32-byte vectors compiled for AVX2 + FMA and picked at run time. The exps
-// are Cephes' (range reduction to [-ln2/2, ln2/2], polynomial / Pade approximation, 2^n put into the exponent
-// bits): ~1-2 ulp, flushed to 0 below the smallest normal number.
+// PyTorch's (AVX-512) cross-entropy at the seed's size. Every row function is compiled for 16-byte vectors (SSE2,
+// any x86-64; NEON on arm64) and, on x86-64, for AVX2 + FMA (32 bytes) and AVX-512 (64 bytes), picked at run
+// time. The exps are Cephes' (range reduction to [-ln2/2, ln2/2], polynomial / Pade approximation, 2^n put into
+// the exponent bits): ~1-2 ulp, flushed to 0 below the smallest normal number.
 #if !defined(__CUDACC__)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

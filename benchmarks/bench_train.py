@@ -195,10 +195,8 @@ def skip_reason(impl: str, device: torch.device) -> str | None:
         return "CUDA only"
     if base in ("fused", "graph", "persistent") and not ops.HAS_EXTENSION:
         return "charmlp_fast._C is not built"
-    if base == "fused":
-        for op in ("charmlp::embed_linear_tanh", "charmlp::linear_cross_entropy"):
-            if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA" if device.type == "cuda" else "CPU"):
-                return f"the fused kernels are missing ({op} has no {device.type.upper()} kernel in this build)"
+    if base == "fused" and not ops.kernels_built(device.type):
+        return f"the fused kernels have no {device.type} implementation in this build"
     if base == "graph":
         return device_train.GraphStepper.unsupported_reason(device)
     if base == "persistent":

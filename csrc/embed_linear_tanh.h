@@ -7,28 +7,26 @@
 
 #include "common.h"
 
+#include <utility>
+
 namespace charmlp {
 
 struct EmbedLinearTanhSizes {
   int64_t B, T, E, K, H, V;
 };
 
-// Checks for the forward (and the inputs the backward shares with it); returns the named sizes.
+// Checks of the inputs forward and backward share (idx, C, W1); returns the named sizes.
 // allow_half: bf16/fp16 parameters are accepted by the CUDA kernels only.
-inline EmbedLinearTanhSizes check_embed_linear_tanh_args(const at::Tensor& idx, const at::Tensor& C,
-                                                         const at::Tensor& W1, const at::Tensor& b1,
-                                                         bool allow_half) {
+inline EmbedLinearTanhSizes check_embedding_and_weight(const at::Tensor& idx, const at::Tensor& C,
+                                                       const at::Tensor& W1, bool allow_half) {
   check_dim(idx, 2, "idx");
   check_dim(C, 2, "C");
   check_dim(W1, 2, "W1");
-  check_dim(b1, 1, "b1");
   check_index(idx, "idx");
   check_floating(C, "C", allow_half);
   check_same_dtype(C, "C", W1, "W1");
-  check_same_dtype(C, "C", b1, "b1");
   check_same_device(C, "C", idx, "idx");
   check_same_device(C, "C", W1, "W1");
-  check_same_device(C, "C", b1, "b1");
   EmbedLinearTanhSizes s;
   s.B = idx.size(0);
   s.T = idx.size(1);
@@ -37,6 +35,16 @@ inline EmbedLinearTanhSizes check_embed_linear_tanh_args(const at::Tensor& idx, 
   s.K = s.T * s.E;
   s.H = W1.size(1);
   check_size(W1, 0, s.K, "W1", "idx.size(1) * C.size(1) (T*E)");
+  return s;
+}
+
+inline EmbedLinearTanhSizes check_embed_linear_tanh_args(const at::Tensor& idx, const at::Tensor& C,
+                                                         const at::Tensor& W1, const at::Tensor& b1,
+                                                         bool allow_half) {
+  const EmbedLinearTanhSizes s = check_embedding_and_weight(idx, C, W1, allow_half);
+  check_dim(b1, 1, "b1");
+  check_same_dtype(C, "C", b1, "b1");
+  check_same_device(C, "C", b1, "b1");
   check_size(b1, 0, s.H, "b1", "W1.size(1) (H)");
   return s;
 }
@@ -44,32 +52,14 @@ inline EmbedLinearTanhSizes check_embed_linear_tanh_args(const at::Tensor& idx, 
 inline EmbedLinearTanhSizes check_embed_linear_tanh_backward_args(const at::Tensor& grad_h, const at::Tensor& h,
                                                                   const at::Tensor& idx, const at::Tensor& C,
                                                                   const at::Tensor& W1, bool allow_half) {
-  check_dim(idx, 2, "idx");
-  check_dim(C, 2, "C");
-  check_dim(W1, 2, "W1");
-  check_dim(grad_h, 2, "grad_h");
-  check_dim(h, 2, "h");
-  check_index(idx, "idx");
-  check_floating(C, "C", allow_half);
-  check_same_dtype(C, "C", W1, "W1");
-  check_same_dtype(C, "C", h, "h");
-  check_same_dtype(C, "C", grad_h, "grad_h");
-  check_same_device(C, "C", idx, "idx");
-  check_same_device(C, "C", W1, "W1");
-  check_same_device(C, "C", h, "h");
-  check_same_device(C, "C", grad_h, "grad_h");
-  EmbedLinearTanhSizes s;
-  s.B = idx.size(0);
-  s.T = idx.size(1);
-  s.V = C.size(0);
-  s.E = C.size(1);
-  s.K = s.T * s.E;
-  s.H = W1.size(1);
-  check_size(W1, 0, s.K, "W1", "idx.size(1) * C.size(1) (T*E)");
-  check_size(h, 0, s.B, "h", "idx.size(0) (B)");
-  check_size(h, 1, s.H, "h", "W1.size(1) (H)");
-  check_size(grad_h, 0, s.B, "grad_h", "idx.size(0) (B)");
-  check_size(grad_h, 1, s.H, "grad_h", "W1.size(1) (H)");
+  const EmbedLinearTanhSizes s = check_embedding_and_weight(idx, C, W1, allow_half);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{h, "h"}, {grad_h, "grad_h"}}) {
+    check_dim(t, 2, name);
+    check_same_dtype(C, "C", t, name);
+    check_same_device(C, "C", t, name);
+    check_size(t, 0, s.B, name, "idx.size(0) (B)");
+    check_size(t, 1, s.H, name, "W1.size(1) (H)");
+  }
   return s;
 }
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import charmlp_fast.ops as ops
 from conftest import DEVICES, requires_cuda
-from utils import assert_close, rel_error
+from utils import assert_close, check_against_truth, rel_error
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="charmlp_fast._C is not built")
 
@@ -60,29 +60,7 @@ def _ours(logits: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_in
     return loss.detach(), grad
 
 
-def _check(name: str, actual: torch.Tensor, truth: torch.Tensor, torch_same_dtype: torch.Tensor | None,
-           dtype: torch.dtype) -> None:
-    """float64: <= 1e-10; float32: <= max(1e-5, 2 x PyTorch's own float32 error); half: 2 x PyTorch's own error
-    or 2 ulp of the dtype, whichever is larger (the result is rounded to that dtype)."""
-    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
-    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype} != {dtype}"
-    if truth.numel() == 0:
-        return
-    nan = truth.isnan()
-    assert torch.equal(actual.isnan().cpu(), nan.cpu()), f"{name}: nan where the reference has none, or vice versa"
-    actual, truth = actual.cpu()[~nan.cpu()], truth.cpu()[~nan.cpu()]
-    if torch_same_dtype is not None:
-        torch_same_dtype = torch_same_dtype.cpu()[~nan.cpu()]
-    err = rel_error(actual, truth)
-    if dtype == torch.float64:
-        bound = 1e-10
-    elif dtype == torch.float32:
-        bound = 1e-5
-    else:
-        bound = 2 * torch.finfo(dtype).eps
-    if torch_same_dtype is not None and dtype != torch.float64:
-        bound = max(bound, 2 * rel_error(torch_same_dtype, truth))
-    assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
+_check = check_against_truth
 
 
 def _compare_all(logits, targets, reduction, ignore_index=-100, grad_out=None, g=None):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import charmlp_fast.ops as ops
 from conftest import DEVICES, requires_cuda
-from utils import rel_error
+from utils import check_against_truth, rel_error
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="charmlp_fast._C is not built")
 
@@ -63,24 +63,7 @@ def _eager(h, W2, b2, targets, reduction="mean", ignore_index=-100, grad_out=Non
     return _grads(fn, h, W2, b2, targets, reduction, ignore_index, grad_out)
 
 
-def _check(name, actual, truth, torch_same_dtype, dtype):
-    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
-    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype} != {dtype}"
-    if truth.numel() == 0:
-        return
-    nan = truth.isnan().cpu()
-    assert torch.equal(actual.isnan().cpu(), nan), f"{name}: nan where the reference has none, or vice versa"
-    actual, truth = actual.cpu()[~nan], truth.cpu()[~nan]
-    err = rel_error(actual, truth)
-    if dtype == torch.float64:
-        bound = 1e-10
-    elif dtype == torch.float32:
-        bound = 1e-5
-    else:
-        bound = 2 * torch.finfo(dtype).eps
-    if torch_same_dtype is not None and dtype != torch.float64:
-        bound = max(bound, 2 * rel_error(torch_same_dtype.cpu()[~nan], truth))
-    assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
+_check = check_against_truth
 
 
 def _compare_all(h, W2, b2, targets, reduction, ignore_index=-100, grad_out=None, g=None):

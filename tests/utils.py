@@ -35,3 +35,27 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if e.numel() == 0:
         return 0.0
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
+
+
+def check_against_truth(name: str, actual: torch.Tensor, truth: torch.Tensor, torch_same_dtype: torch.Tensor | None,
+                        dtype: torch.dtype) -> None:
+    """The issue's tolerance against a float64 truth: float64 <= 1e-10; float32 <= max(1e-5, 2 x PyTorch's own
+    float32 error); half types: 2 x PyTorch's own error or 2 ulp of the dtype, whichever is larger. NaNs must sit
+    exactly where the truth has them."""
+    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype} != {dtype}"
+    if truth.numel() == 0:
+        return
+    nan = truth.isnan().cpu()
+    assert torch.equal(actual.isnan().cpu(), nan), f"{name}: nan where the reference has none, or vice versa"
+    actual, truth = actual.cpu()[~nan], truth.cpu()[~nan]
+    err = rel_error(actual, truth)
+    if dtype == torch.float64:
+        bound = 1e-10
+    elif dtype == torch.float32:
+        bound = 1e-5
+    else:
+        bound = 2 * torch.finfo(dtype).eps
+    if torch_same_dtype is not None and dtype != torch.float64:
+        bound = max(bound, 2 * rel_error(torch_same_dtype.cpu()[~nan], truth))
+    assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"

@@ -24,6 +24,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <vector>
 
 namespace charmlp {
@@ -35,6 +36,7 @@ namespace {
 // grad_W2 (H, V) per chunk is amortised over many rows; otherwise ~8 MiB of float32 logits, which stays in cache.
 constexpr int64_t kCpuChunkElems = int64_t(1) << 21;
 constexpr int64_t kCpuMinChunkRows = 256;
+constexpr int64_t kMaxPartialElems = int64_t(1) << 20;  // float64 partial column sums of grad_b2: 8 MiB at most
 
 int64_t cpu_chunk_rows(int64_t B, int64_t V) {
   return std::min(B, std::max(kCpuMinChunkRows, kCpuChunkElems / V));
@@ -53,11 +55,15 @@ void linear_cross_entropy_chunks_cpu(const at::Tensor& h, const at::Tensor& W2, 
   const int64_t B = h.size(0), V = W2.size(1);
   const int64_t R = cpu_chunk_rows(B, V), grain = cpu_row_grain(V);
   // grad_b2's column sums in float64: summed row after row in float32 they would lose ~sqrt(B) ulp (1e-5 at
-  // B = 65,536), where PyTorch's cascaded sum loses almost nothing. Each parallel task adds its rows, while they
-  // are in cache, into its own partial sums (tasks start >= grain rows apart, so begin / grain names them); the
-  // partials are then added in a fixed order.
-  const int64_t n_parts = (std::min(R, B) + grain - 1) / grain;
-  std::vector<double> colsum(with_grad ? V : 0, 0.0), partial(with_grad ? n_parts * V : 0);
+  // B = 65,536), where PyTorch's cascaded sum loses almost nothing. A chunk's rows are split into a fixed number of
+  // groups (from the sizes alone, not the thread count); each group adds its rows, while they are in cache, into
+  // its own partial sums, and the partials are added in group order. The groups are capped so that the partials
+  // stay within kMaxPartialElems (one partial per row would be 256 MiB at V = 131,072).
+  const int64_t max_groups = with_grad ? std::max<int64_t>(1, kMaxPartialElems / V) : B;
+  auto groups_of = [&](int64_t rows) { return std::min(max_groups, (rows + grain - 1) / grain); };
+  std::vector<double> colsum(with_grad ? V : 0, 0.0);
+  // Not zero-filled here: each group zeroes its own partial, on the thread that then adds into it.
+  const std::unique_ptr<double[]> partial(new double[with_grad ? groups_of(std::min(R, B)) * V : 0]);
   if (with_grad && B == 0) grad_W2.zero_();
   const at::Tensor bias = b2.contiguous();
   const scalar_t* b = bias.const_data_ptr<scalar_t>();
@@ -68,22 +74,27 @@ void linear_cross_entropy_chunks_cpu(const at::Tensor& h, const at::Tensor& W2, 
     const at::Tensor h_c = row_slice(h, r0, n);  // h_c is (n, H)
     at::mm_out(logits, h_c, W2);
     scalar_t* x = logits.mutable_data_ptr<scalar_t>();
-    std::fill(partial.begin(), partial.end(), 0.0);
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        scalar_t* row = x + r * V;
-        for (int64_t j = 0; j < V; ++j) row[j] += b[j];
-      }
-      rows_fn(r0, begin, end, x);
-      if (!with_grad) return;
-      double* part = partial.data() + begin / grain * V;
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* d = x + r * V;
-        for (int64_t j = 0; j < V; ++j) part[j] += d[j];
+    const int64_t n_groups = groups_of(n);
+    const int64_t group_rows = (n + n_groups - 1) / n_groups;
+    at::parallel_for(0, n_groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t begin = g * group_rows, end = std::min(n, begin + group_rows);
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t* row = x + r * V;
+          for (int64_t j = 0; j < V; ++j) row[j] += b[j];
+        }
+        rows_fn(r0, begin, end, x);
+        if (!with_grad) continue;
+        double* part = partial.get() + g * V;
+        std::fill(part, part + V, 0.0);
+        for (int64_t r = begin; r < end; ++r) {
+          const scalar_t* d = x + r * V;
+          for (int64_t j = 0; j < V; ++j) part[j] += d[j];
+        }
       }
     });
     if (!with_grad) continue;
-    for (int64_t p = 0; p < n_parts; ++p) {
+    for (int64_t p = 0; p < n_groups; ++p) {
       for (int64_t j = 0; j < V; ++j) colsum[j] += partial[p * V + j];
     }
     at::Tensor grad_h_c = row_slice(grad_h, r0, n);

@@ -42,19 +42,11 @@ namespace cpu_train {
 // How the CPU loop computes its matrix products: register-tiled SIMD code, BLAS (at::mm), or by size.
 enum class CpuGemm { kAuto, kSimd, kBlas };
 
-// Raw pointers and sizes of one sgd_train call (M models).
-struct CpuTrainArgs {
-  float *C, *W1, *b1, *W2, *b2;          // (M, V, E), (M, TE, H), (M, H), (M, H, V), (M, V)
-  const void* X;                          // (N, T) int64 or int32
-  const void* Y;                          // (N,)
-  bool idx64;
-  const float* lrs;                       // (S,) or (M, S)
-  int64_t lr_stride;                      // 0 or S
-  const int64_t* seeds;                   // (M,) or null
-  const int64_t* batch_idx;               // (S, B) or (M, S, B) or null
-  int64_t idx_stride;                     // 0 or S * B
-  float* losses;                          // (M, num_losses)
-  int64_t M, V, E, T, H, B, N, S, start_step, loss_every, num_losses;
+// SgdTrainArgs (sgd_train.h) with the index dtype decided at run time, the sizes the loop's layouts need, and
+// how it computes its products.
+struct CpuTrainArgs : SgdTrainArgs<void> {
+  bool idx64;  // X and Y are int64 (else int32)
+  int64_t M, V, E, T, H, B;
   CpuGemm gemm;
 };
 
@@ -140,38 +132,14 @@ at::Tensor sgd_train_cpu(const at::Tensor& C, const at::Tensor& W1, const at::Te
                          int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
   const SgdTrainShape s =
       check_sgd_train_args(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every);
-  TORCH_CHECK(cluster_size >= 0 && cluster_size <= kMaxCluster, "cluster_size must be 0 (auto) or 1..", kMaxCluster,
-              ", got ", cluster_size, " (it only matters on CUDA)");
+  TORCH_CHECK(valid_cluster_size(cluster_size), kClusterSizeRule, ", got ", cluster_size,
+              " (it only matters on CUDA)");
   TORCH_CHECK(C.device().is_cpu(), "sgd_train (CPU kernel) got C on ", C.device());
   auto losses = at::empty({s.M, s.num_losses}, C.options());
   if (s.S == 0) return losses;
-  const auto Xc = X.expect_contiguous();
-  const auto Yc = Y.expect_contiguous();
-  const auto lrc = lrs.expect_contiguous();
-  c10::MaybeOwned<at::Tensor> seedc, idxc;
-  if (seeds) seedc = seeds->expect_contiguous();
-  if (batch_idx) idxc = batch_idx->expect_contiguous();
-
-  cpu_train::CpuTrainArgs a{};
-  a.C = C.data_ptr<float>();
-  a.W1 = W1.data_ptr<float>();
-  a.b1 = b1.data_ptr<float>();
-  a.W2 = W2.data_ptr<float>();
-  a.b2 = b2.data_ptr<float>();
-  a.X = Xc->data_ptr();
-  a.Y = Yc->data_ptr();
-  a.idx64 = X.scalar_type() == at::kLong;
-  a.lrs = lrc->data_ptr<float>();
-  a.lr_stride = s.lr_model_stride;
-  a.seeds = seeds ? seedc->data_ptr<int64_t>() : nullptr;
-  a.batch_idx = batch_idx ? idxc->data_ptr<int64_t>() : nullptr;
-  a.idx_stride = s.idx_model_stride;
-  a.losses = losses.data_ptr<float>();
-  a.M = s.M, a.V = s.V, a.E = s.E, a.T = s.T, a.H = s.H, a.B = s.B, a.N = s.N, a.S = s.S;
-  a.start_step = start_step;
-  a.loss_every = s.loss_every;
-  a.num_losses = s.num_losses;
-  a.gemm = gemm_choice();
+  const SgdTrainInputs inputs(X, Y, lrs, seeds, batch_idx);
+  const cpu_train::CpuTrainArgs a{inputs.args<void>(C, W1, b1, W2, b2, losses, s, start_step),
+                                  /*idx64=*/X.scalar_type() == at::kLong, s.M, s.V, s.E, s.T, s.H, s.B, gemm_choice()};
   isa().fn(a);
   return losses;
 }

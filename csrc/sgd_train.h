@@ -3,7 +3,7 @@
 //      minibatch_row(k, s, b, N), a pure function, so CPU and CUDA (and a chunked and an unchunked run) draw the
 //      same rows bit for bit, and nothing has to be carried from one launch to the next.
 //   2. The argument checks of charmlp::sgd_train and charmlp::philox_minibatch (readable TORCH_CHECKs that name
-//      the argument), identical for both backends.
+//      the argument), identical for both backends, and the raw operands (SgdTrainArgs) both loops read.
 //   3. The shared-memory plan of the persistent CUDA kernel: which sizes it supports, on how many blocks per model
 //      (a thread-block cluster splits the hidden layer), and why not otherwise. It is plain host code so that the
 //      trainer can ask `sgd_train_unsupported_reason` (and the tests can exercise the plan) on any machine.
@@ -15,6 +15,7 @@
 #include "common.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/MaybeOwned.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -208,6 +209,63 @@ inline void check_philox_minibatch_args(const at::Tensor& seeds, const at::Tenso
   TORCH_CHECK(num_rows >= 1, "num_rows (the number of training examples to draw from) must be >= 1, got ", num_rows);
 }
 
+// ---- the operands both backends' loops read ---------------------------------------------------------------
+
+// Raw pointers and sizes of one checked sgd_train call. The CPU loop takes index_t = void (it dispatches on the
+// index dtype inside each instruction-set clone); the CUDA kernel takes the index type as a template argument.
+template <typename index_t>
+struct SgdTrainArgs {
+  float *C, *W1, *b1, *W2, *b2;  // (M, V, E), (M, TE, H), (M, H), (M, H, V), (M, V): updated in place
+  const index_t* X;              // (N, T)
+  const index_t* Y;              // (N,)
+  const float* lrs;              // (S,) or (M, S)
+  int64_t lr_stride;             // 0 or S
+  const int64_t* seeds;          // (M,) or null
+  const int64_t* batch_idx;      // (S, B) or (M, S, B) or null
+  int64_t idx_stride;            // 0 or S * B
+  float* losses;                 // (M, num_losses)
+  int64_t N, S, start_step, loss_every, num_losses;
+};
+
+// The read-only inputs as contiguous tensors (borrowed when they already are, copied otherwise), kept alive for
+// as long as the pointers of args() are in use.
+struct SgdTrainInputs {
+  c10::MaybeOwned<at::Tensor> X, Y, lrs, seeds, batch_idx;
+
+  SgdTrainInputs(const at::Tensor& X_, const at::Tensor& Y_, const at::Tensor& lrs_,
+                 const std::optional<at::Tensor>& seeds_, const std::optional<at::Tensor>& batch_idx_)
+      : X(X_.expect_contiguous()), Y(Y_.expect_contiguous()), lrs(lrs_.expect_contiguous()) {
+    if (seeds_) seeds = seeds_->expect_contiguous();
+    if (batch_idx_) batch_idx = batch_idx_->expect_contiguous();
+  }
+
+  template <typename index_t>
+  SgdTrainArgs<index_t> args(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
+                             const at::Tensor& b2, const at::Tensor& losses, const SgdTrainShape& s,
+                             int64_t start_step) const {
+    SgdTrainArgs<index_t> a{};
+    a.C = C.data_ptr<float>();
+    a.W1 = W1.data_ptr<float>();
+    a.b1 = b1.data_ptr<float>();
+    a.W2 = W2.data_ptr<float>();
+    a.b2 = b2.data_ptr<float>();
+    a.X = static_cast<const index_t*>(X->const_data_ptr());
+    a.Y = static_cast<const index_t*>(Y->const_data_ptr());
+    a.lrs = lrs->const_data_ptr<float>();
+    a.lr_stride = s.lr_model_stride;
+    a.seeds = s.use_seeds ? seeds->const_data_ptr<int64_t>() : nullptr;
+    a.batch_idx = s.use_seeds ? nullptr : batch_idx->const_data_ptr<int64_t>();
+    a.idx_stride = s.idx_model_stride;
+    a.losses = losses.data_ptr<float>();
+    a.N = s.N;
+    a.S = s.S;
+    a.start_step = start_step;
+    a.loss_every = s.loss_every;
+    a.num_losses = s.num_losses;
+    return a;
+  }
+};
+
 // ---- the persistent CUDA kernel's plan: shared-memory layout and size limits ----------------------------------
 //
 // One thread block (or a cluster of `cluster` blocks) trains one model for all S steps. Everything a step touches
@@ -221,6 +279,11 @@ constexpr int kTileM = 4;                // register tile of one thread: kTileM 
 constexpr int kTileN = 4;
 constexpr int kMaxCluster = 8;           // the portable thread-block cluster size limit
 constexpr int kPreferredSlice = 64;      // hidden units per block the auto plan aims for (see sgd_train_cuda.cu)
+
+// cluster_size as sgd_train takes it: 0 (auto) or a power of two up to kMaxCluster (the launcher instantiates the
+// kernel for 1, 2, 4 and 8 blocks). Both backends check it, so a CPU run rejects what a CUDA run would.
+inline bool valid_cluster_size(int64_t cs) { return cs == 0 || (cs >= 1 && cs <= kMaxCluster && (cs & (cs - 1)) == 0); }
+constexpr const char* kClusterSizeRule = "cluster_size must be 0 (auto), 1, 2, 4 or 8";
 
 // Byte offsets into the dynamic shared memory of one block. Filled on the host, passed by value to the kernel.
 struct PersistentLayout {
@@ -317,9 +380,8 @@ inline PersistentPlan plan_persistent(int64_t V, int64_t T, int64_t E, int64_t H
     return plan;
   }
   const int max_cluster = cc_major >= 9 ? kMaxCluster : 1;  // thread-block clusters arrived with Hopper (sm_90)
-  if (requested_cluster < 0 || requested_cluster > kMaxCluster) {
-    plan.reason = "cluster_size must be 0 (auto) or 1.." + std::to_string(kMaxCluster) + ", got " +
-                  std::to_string(requested_cluster);
+  if (!valid_cluster_size(requested_cluster)) {
+    plan.reason = std::string(kClusterSizeRule) + ", got " + std::to_string(requested_cluster);
     return plan;
   }
   if (requested_cluster > max_cluster) {

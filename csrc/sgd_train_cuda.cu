@@ -53,24 +53,6 @@ constexpr int kThreads = kPersistentThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename index_t>
-struct TrainArgs {
-  float* C;             // (M, V, E)
-  float* W1;            // (M, TE, H)
-  float* b1;            // (M, H)
-  float* W2;            // (M, H, V)
-  float* b2;            // (M, V)
-  const index_t* X;     // (N, T)
-  const index_t* Y;     // (N,)
-  const float* lrs;     // (S,) or (M, S)
-  int64_t lr_stride;    // 0 or S
-  const int64_t* seeds;      // (M,) or null
-  const int64_t* batch_idx;  // (S, B) or (M, S, B) or null
-  int64_t idx_stride;        // 0 or S * B
-  float* losses;        // (M, num_losses)
-  int64_t N, S, start_step, loss_every, num_losses;
-};
-
 // ---- helpers -------------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -195,6 +177,8 @@ __global__ void philox_minibatch_kernel(const int64_t* __restrict__ seeds, const
                                         int64_t num_steps, int64_t batch_size, int64_t num_rows, int64_t total,
                                         int64_t* __restrict__ out) {
   const int64_t first = *start_step;
+  // The CPU kernel checks this on the host; here it would cost a sync, so the device asserts instead.
+  CUDA_KERNEL_ASSERT(first >= 0 && "philox_minibatch: start_step must be >= 0");
   for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < total; q += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = q % batch_size;
     const int64_t i = (q / batch_size) % num_steps;
@@ -206,7 +190,7 @@ __global__ void philox_minibatch_kernel(const int64_t* __restrict__ seeds, const
 
 // Issues the cp.async copies of step i's minibatch (B rows of X and Y) into token buffer i % 2.
 template <typename index_t>
-__device__ __forceinline__ void prefetch_minibatch(const PersistentLayout& L, const TrainArgs<index_t>& a,
+__device__ __forceinline__ void prefetch_minibatch(const PersistentLayout& L, const SgdTrainArgs<index_t>& a,
                                                    int64_t model, int64_t i, index_t* tok, index_t* tgt) {
   const int B = L.B, T = L.T;
   index_t* dtok = tok + (i & 1) * B * T;
@@ -229,7 +213,7 @@ __device__ __forceinline__ void prefetch_minibatch(const PersistentLayout& L, co
 // S SGD steps of model blockIdx.x / CS; this block is rank blockIdx.x % CS of its cluster (see the top of the file).
 template <int CS, typename index_t>
 __global__ void __launch_bounds__(kThreads, 1)
-    sgd_train_persistent_kernel(const PersistentLayout L, const TrainArgs<index_t> a) {
+    sgd_train_persistent_kernel(const PersistentLayout L, const SgdTrainArgs<index_t> a) {
   extern __shared__ __align__(16) unsigned char smem[];
   float* sC = reinterpret_cast<float*>(smem + L.off_C);    // (V, E), replicated in every block of the cluster
   float* sW1 = reinterpret_cast<float*>(smem + L.off_W1);  // (TE, ldw1): this block's columns of W1
@@ -466,8 +450,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- host launchers ----------------------------------------------------------------------------------------------
 
+// Launches one block (CS = 1) or one cluster of CS blocks per model; false, without launching, when the device
+// cannot schedule such a cluster at all (the plan only knows the per-block limits).
 template <int CS, typename index_t>
-void launch_persistent(const PersistentLayout& L, const TrainArgs<index_t>& args, int64_t M, cudaStream_t stream) {
+bool launch_persistent(const PersistentLayout& L, const SgdTrainArgs<index_t>& args, int64_t M,
+                       cudaStream_t stream) {
   auto kernel = sgd_train_persistent_kernel<CS, index_t>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes)));
   cudaLaunchConfig_t cfg = {};
@@ -485,15 +472,16 @@ void launch_persistent(const PersistentLayout& L, const TrainArgs<index_t>& args
     cfg.numAttrs = 1;
     int clusters = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
-    TORCH_CHECK(clusters > 0, "sgd_train: a cluster of ", CS, " blocks with ", L.bytes,
-                " bytes of shared memory each cannot be scheduled on this device; pass cluster_size=1 or a smaller one");
+    if (clusters == 0) return false;
   }
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, L, args));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 template <typename index_t>
-void launch_persistent_cs(const PersistentLayout& L, const TrainArgs<index_t>& args, int64_t M, cudaStream_t stream) {
+bool launch_persistent_cs(const PersistentLayout& L, const SgdTrainArgs<index_t>& args, int64_t M,
+                          cudaStream_t stream) {
   switch (L.cluster) {
     case 1: return launch_persistent<1>(L, args, M, stream);
     case 2: return launch_persistent<2>(L, args, M, stream);
@@ -515,43 +503,35 @@ at::Tensor sgd_train_cuda(const at::Tensor& C, const at::Tensor& W1, const at::T
   if (s.S == 0) return losses;
 
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const PersistentPlan plan = plan_persistent(s.V, s.T, s.E, s.H, s.B, static_cast<int64_t>(prop->sharedMemPerBlockOptin),
-                                              prop->major, cluster_size);
+  auto plan_for = [&](int64_t cluster) {
+    return plan_persistent(s.V, s.T, s.E, s.H, s.B, static_cast<int64_t>(prop->sharedMemPerBlockOptin), prop->major,
+                           cluster);
+  };
+  const PersistentPlan plan = plan_for(cluster_size);
   TORCH_CHECK(plan.ok, "sgd_train: ", plan.reason,
               ". Train this size with the CUDA-graph stepper (charmlp_fast.device_train.GraphStepper) instead.");
   TORCH_CHECK(s.M * plan.layout.cluster <= std::numeric_limits<int32_t>::max(), "sgd_train: too many models (", s.M,
               ") for one launch");
 
-  const auto Xc = X.expect_contiguous();
-  const auto Yc = Y.expect_contiguous();
-  const auto lrc = lrs.expect_contiguous();
-  c10::MaybeOwned<at::Tensor> seedc, idxc;
-  if (seeds) seedc = seeds->expect_contiguous();
-  if (batch_idx) idxc = batch_idx->expect_contiguous();
+  const SgdTrainInputs inputs(X, Y, lrs, seeds, batch_idx);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   auto run = [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    TrainArgs<index_t> a{};
-    a.C = C.data_ptr<float>();
-    a.W1 = W1.data_ptr<float>();
-    a.b1 = b1.data_ptr<float>();
-    a.W2 = W2.data_ptr<float>();
-    a.b2 = b2.data_ptr<float>();
-    a.X = Xc->data_ptr<index_t>();
-    a.Y = Yc->data_ptr<index_t>();
-    a.lrs = lrc->data_ptr<float>();
-    a.lr_stride = s.lr_model_stride;
-    a.seeds = seeds ? seedc->data_ptr<int64_t>() : nullptr;
-    a.batch_idx = batch_idx ? idxc->data_ptr<int64_t>() : nullptr;
-    a.idx_stride = s.idx_model_stride;
-    a.losses = losses.data_ptr<float>();
-    a.N = s.N;
-    a.S = s.S;
-    a.start_step = start_step;
-    a.loss_every = s.loss_every;
-    a.num_losses = s.num_losses;
-    launch_persistent_cs<index_t>(plan.layout, a, s.M, stream);
+    const SgdTrainArgs<index_t> a = inputs.args<index_t>(C, W1, b1, W2, b2, losses, s, start_step);
+    // A cluster that fits the per-block limits may still not be schedulable where the GPU is partitioned or shared
+    // (MIG, MPS). With cluster_size = 0 (auto) fall back to smaller clusters (more shared memory per block), as the
+    // caller asked for any that works; a cluster size the caller chose is an error instead.
+    for (PersistentPlan p = plan;;) {
+      if (launch_persistent_cs<index_t>(p.layout, a, s.M, stream)) return;
+      TORCH_CHECK(cluster_size == 0 && p.layout.cluster > 1, "sgd_train: a cluster of ", p.layout.cluster,
+                  " blocks with ", p.layout.bytes, " bytes of shared memory each cannot be scheduled on this device; ",
+                  "pass a smaller cluster_size");
+      const int64_t smaller = p.layout.cluster / 2;
+      p = plan_for(smaller);
+      TORCH_CHECK(p.ok, "sgd_train: no thread-block cluster of this size can be scheduled on this device, and ",
+                  "with ", smaller, " block(s) per model: ", p.reason);
+    }
   };
   if (X.scalar_type() == at::kLong) {
     run(int64_t{});

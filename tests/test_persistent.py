@@ -472,7 +472,8 @@ def test_plan_splits_larger_models_over_a_cluster(V, T, E, H, B, cluster):
     ((27, 3, 10, 200, 4096), A100, 0, "(and has no thread-block clusters)"),
     ((27, 3, 10, 200, 32), A100, 4, "needs thread-block clusters (compute capability 9.0+)"),
     ((27, 3, 10, 200, 32), dict(smem_per_block=48 * 1024, cc_major=7), 0, "compute capability 8.0 or newer"),
-    ((27, 3, 10, 200, 32), H100, 16, "cluster_size must be 0 (auto) or 1..8"),
+    ((27, 3, 10, 200, 32), H100, 16, "cluster_size must be 0 (auto), 1, 2, 4 or 8, got 16"),
+    ((27, 3, 10, 200, 32), H100, 3, "cluster_size must be 0 (auto), 1, 2, 4 or 8, got 3"),
 ])
 def test_plan_explains_unsupported_sizes(sizes, device_kw, cluster, expect):
     reason, plan_ = plan(*sizes, **device_kw, cluster_size=cluster)
@@ -528,7 +529,8 @@ ERRORS = [
     (dict(batch_size=lambda a: 0), "batch_size must be >= 1"),
     (dict(loss_every=lambda a: 0), "loss_every must be >= 1"),
     (dict(start_step=lambda a: -1), "start_step must be >= 0"),
-    (dict(cluster_size=lambda a: 9), "cluster_size must be 0 (auto) or 1..8"),
+    (dict(cluster_size=lambda a: 9), "cluster_size must be 0 (auto), 1, 2, 4 or 8, got 9"),
+    (dict(cluster_size=lambda a: 6), "cluster_size must be 0 (auto), 1, 2, 4 or 8, got 6"),
     (dict(X=lambda a: torch.full_like(a["X"], 7)), "is out of range for a vocabulary of 7"),
     (dict(Y=lambda a: torch.full_like(a["Y"], -1)), "is out of range for a vocabulary of 7"),
 ]

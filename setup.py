@@ -53,8 +53,9 @@ def extensions():
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     cxx_flags = ["-O3", *openmp]
     if want_cuda():
-        # sm_80 (A100) and sm_90 (H100/H200) unless the user chose otherwise.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # sm_80 (A100) and sm_90 (H100/H200) unless the user chose otherwise, plus sm_90 PTX so that newer GPUs
+        # (Blackwell) JIT-compile the kernels instead of failing with "no kernel image".
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
         return [
             cpp_extension.CUDAExtension(

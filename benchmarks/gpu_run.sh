@@ -1,26 +1,61 @@
 #!/usr/bin/env bash
-# Build, test and benchmark on a GPU box in one go; results land under $OUT (default: benchmarks/results/gpu):
-# one log (environment, build, tests, benchmark tables) plus the JSON + markdown that each benchmark writes.
+# Build, test and benchmark on a GPU box; results land under $OUT (default: benchmarks/results/gpu): one log
+# (environment, build, tests, benchmark tables) plus the JSON + markdown that each benchmark writes.
 #
-# With the device tool (no network there, torch preinstalled): copy the seed's data into the git-ignored .data/
-# and carry it:   mkdir -p .data && cp ../shared/data/names.txt .data/
-#                 run(command="bash benchmarks/gpu_run.sh", carry=[".data"])
+#   bash benchmarks/gpu_run.sh PHASE...      PHASE: test | ops[:SIZES] | train     (default: test ops:seed train)
+#
+#   test          the whole suite (the CUDA tests included)
+#   ops:SIZES     bench_ops.py at the comma-separated sizes (seed, big, word, vocab; default all)
+#   train         bench_train.py: the seed's 200,000 steps for the fast implementations; eager and compile
+#                 timed on 20,000 steps and extrapolated (--baseline-steps)
+#
+# The extension is built once per call. Every phase runs under one deadline (DEADLINE_S, default 560 s from the
+# start), so that the log and results come back before the device tool's 10-minute limit kills the command; a
+# phase cut off by it says so in the log.
+#
+# With the device tool (no network there, torch preinstalled; a machine goes back 30 s after a call, so every
+# call builds afresh): copy the seed's data into the git-ignored .data/ and carry it, then e.g.
+#     mkdir -p .data && cp ../shared/data/names.txt .data/
+#     run(command="bash benchmarks/gpu_run.sh test ops:seed", carry=[".data"])
+#     run(command="bash benchmarks/gpu_run.sh ops:big,word,vocab", carry=[".data"])
+#     run(command="bash benchmarks/gpu_run.sh train", carry=[".data"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_log.txt"
-export PYTHONUNBUFFERED=1 CHARMLP_CUDA=1
+DEADLINE=$((SECONDS + ${DEADLINE_S:-560}))
+export PYTHONUNBUFFERED=1 CHARMLP_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 [ -f .data/names.txt ] && export CHARMLP_NAMES_TXT=$PWD/.data/names.txt
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
 # Only this GPU's architecture: a quicker build on the box.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+[ $# -gt 0 ] || set -- test ops:seed train
+
+# Run a command with what is left of the deadline.
+bounded() {
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -le 10 ]; then echo "(skipped: the deadline has passed)"; return 124; fi
+  timeout "$left" "$@"
+  local rc=$?
+  [ "$rc" -eq 124 ] && echo "(cut off by the deadline)"
+  return "$rc"
+}
+
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  echo "== build"; time python -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
-  echo "== tests"; python -m pytest -q -rs tests 2>&1 | tail -60
-  echo "== bench_ops"; python benchmarks/bench_ops.py --device cuda --out "$OUT"
-  echo "== bench_train"; python benchmarks/bench_train.py --device cuda --out "$OUT"
+  echo "== build"
+  bounded python -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
+  for phase in "$@"; do
+    echo "== $phase ($((DEADLINE - SECONDS)) s left)"
+    case "$phase" in
+      test) bounded python -m pytest -q -rs tests 2>&1 | tail -80 ;;
+      ops) bounded python benchmarks/bench_ops.py --device cuda --out "$OUT" ;;
+      ops:*) bounded python benchmarks/bench_ops.py --device cuda --sizes "${phase#ops:}" --out "$OUT" ;;
+      train) bounded python benchmarks/bench_train.py --device cuda --baseline-steps 20000 --out "$OUT" ;;
+      *) echo "unknown phase $phase (test, ops[:SIZES], train)" ;;
+    esac
+  done
 } 2>&1 | tee "$LOG"

@@ -27,7 +27,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import machine  # noqa: E402
 from charmlp_fast import ops, reference  # noqa: E402
 
 # Dimension names: B batch, T context, E embedding, H hidden, V vocabulary.
@@ -251,7 +251,14 @@ def model_case(size: str, d: dict, device: str, use_compile: bool) -> Case:
     if use_compile:
         eager_c = compiled(eager)
         impls["compile"] = lambda: eager_c(params, X, Y)
-    return Case("model", size, d, params, impls, None, {})
+    # Both layers' products: forward x @ W1 and h @ W2; backward two products per layer.
+    K = T * E
+    params_bytes = (V * E + K * H + H + H * V + V) * FLOAT_BYTES
+    macs = B * (K * H + H * V)
+    fwd = (params_bytes + B * (T + 1) * INDEX_BYTES, 2 * macs)
+    bwd = (2 * params_bytes + B * (T + 1) * INDEX_BYTES, 4 * macs)
+    work = {"fwd": fwd, "bwd": bwd, "fwd+bwd": (fwd[0] + params_bytes, 6 * macs)}
+    return Case("model", size, d, params, impls, None, work)
 
 
 CASE_BUILDERS = {"elt": elt_case, "ce": ce_case, "lce": lce_case, "model": model_case}
@@ -284,25 +291,26 @@ def verify(case: Case) -> dict:
 
 
 # ---- reporting -----------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_peaks(device: str) -> tuple[str, float | None, float | None]:
-    """Device name and its (bandwidth, FP32 rate) peaks; no floors on a CPU."""
+    """Device name and its (bandwidth, FP32 rate) peaks. On a CPU: the cores' peak FP32 rate at torch's thread
+    count, and the bandwidth of a large copy measured now (benchmarks/machine.py)."""
     if device != "cuda":
-        return f"{cpu_name()}, {torch.get_num_threads()} threads", None, None
+        threads = torch.get_num_threads()
+        return (f"{machine.cpu_name()}, {threads} threads", machine.measured_bandwidth(),
+                machine.peak_fp32_flops(threads))
     name = torch.cuda.get_device_name()
     for key, bw, flops in GPU_PEAKS:
         if key in name:
             return name, bw, flops
     return name, None, None
+
+
+def peaks_line(device: str, bw: float | None, flops_rate: float | None) -> str:
+    if bw is None or flops_rate is None:
+        return "No floors: unknown device."
+    source = "a copy measured at the start of this run" if device != "cuda" else "the datasheet"
+    return (f"Peaks used for the floors: {bw / 1e9:,.0f} GB/s ({source}), {flops_rate / 1e9:,.0f} GFLOP/s FP32 "
+            f"({'all threads, FMA units x vector lanes x clock' if device != 'cuda' else 'the datasheet'}).")
 
 
 def floor_and_rate(work: tuple[int, int] | None, us: float, bw: float | None, flops_rate: float | None):
@@ -312,7 +320,8 @@ def floor_and_rate(work: tuple[int, int] | None, us: float, bw: float | None, fl
     nbytes, flops = work
     t_mem, t_flops = nbytes / bw, flops / flops_rate
     if t_flops > t_mem:
-        return t_flops * 1e6, f"{flops / (us * 1e-6) / 1e12:.2f} TFLOP/s"
+        rate = flops / (us * 1e-6)
+        return t_flops * 1e6, f"{rate / 1e12:.2f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
     return t_mem * 1e6, f"{nbytes / (us * 1e-6) / 1e9:.0f} GB/s"
 
 
@@ -394,8 +403,7 @@ def main(argv=None) -> int:
         "warmup": args.warmup,
     }
     print(f"# bench_ops on {dev_name} ({device}), torch {torch.__version__}, {meta['date']}")
-    if device == "cuda" and bw is None:
-        print("  (unknown GPU: no floors)")
+    print("  " + peaks_line(device, bw, flops_rate))
     rows, notes = [], []
 
     for op in args.ops:
@@ -472,6 +480,7 @@ def main(argv=None) -> int:
           f"`{meta['command']}`", "",
           "Median µs over up to %d repeats after %d warm-up calls; speed-ups are eager / fused and compile / fused; "
           "floor = max(bytes / bandwidth, FLOPs / FP32 rate) of the minimal work." % (args.repeats, args.warmup), "",
+          peaks_line(device, bw, flops_rate), "",
           table, ""]
     if notes:
         md += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]

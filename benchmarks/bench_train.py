@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import machine  # noqa: E402
 from charmlp_fast import ops, reference  # noqa: E402
 from charmlp_fast.data import load_corpus  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
@@ -248,23 +248,10 @@ def floor_estimate(device: torch.device) -> dict:
         out.update(clock_ghz=ghz, peak_one_sm_gflops=per_sm / 1e9,
                    floor_us_one_sm=f / per_sm * 1e6, floor_us_cluster_of_4=f / (4 * per_sm) * 1e6)
     else:
-        ghz = _cpu_ghz()
-        isa = torch.ops.charmlp.sgd_train_cpu_isa() if ops.HAS_EXTENSION else "baseline"
-        lanes = {"avx512": 16, "avx2": 8}.get(isa, 4)
-        fma_units = 2 if isa != "baseline" else 1  # baseline SSE2 has no FMA: one mul + one add per lane-cycle
-        per_core = fma_units * lanes * 2 * ghz * 1e9
+        ghz, isa = machine.cpu_ghz(), machine.cpu_isa()
+        per_core = machine.peak_fp32_flops(1)
         out.update(clock_ghz=ghz, isa=isa, peak_one_core_gflops=per_core / 1e9, floor_us_one_core=f / per_core * 1e6)
     return out
-
-
-def _cpu_ghz() -> float:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("cpu MHz"):
-                return float(line.split(":")[1]) / 1000
-    except OSError:
-        pass
-    return 2.5
 
 
 def main(argv=None) -> int:
@@ -317,16 +304,13 @@ def main(argv=None) -> int:
             r["speedup_vs_eager"] = eager["us_per_step"] / r["us_per_step"]
     floor = floor_estimate(device)
     meta = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
-                                                                                      platform.machine()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else machine.cpu_name(),
         "device_type": device.type, "torch": torch.__version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name] + sys.argv), "threads": torch.get_num_threads(),
         "git": _git_rev(), "recipe": {"steps": args.steps, "batch": B_SEED, "lr": [LR, LR_DECAY_STEP, LR_AFTER],
                                       "seed": reference.SEED, "sizes": [V, T_SEED, E_SEED, H_SEED]},
         "floor": floor,
     }
-    if device.type == "cpu":
-        meta["device"] = _cpu_name()
     md = render_markdown(meta, rows, args.steps)
     print("\n" + md)
     out = Path(args.out)
@@ -376,16 +360,6 @@ def _git_rev() -> str:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

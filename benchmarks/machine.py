@@ -1,0 +1,59 @@
+"""What the benchmarks need to know about the CPU they run on: its name, clock and peak FP32 rate, and a measured
+memory bandwidth, so that CPU results can be set against a floor as the GPU ones are."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+
+def _cpuinfo(key: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_name() -> str:
+    """Model name and core count, e.g. 'Intel(R) Xeon(R) Processor (2 cores)'."""
+    return f"{_cpuinfo('model name') or platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def cpu_ghz() -> float:
+    """The clock /proc/cpuinfo reports (nominal on most VMs); 2.5 GHz where it reports none."""
+    mhz = _cpuinfo("cpu MHz")
+    return float(mhz) / 1000 if mhz else 2.5
+
+
+def cpu_isa() -> str:
+    """The widest vector ISA torch's own CPU kernels use here: 'AVX512', 'AVX2' or 'DEFAULT' (SSE / NEON)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def peak_fp32_flops(threads: int = 1) -> float:
+    """Peak FP32 FLOP/s of `threads` cores: two FMA units of the ISA's width per core (one multiply and one add
+    per lane-cycle without FMA), at cpu_ghz()."""
+    isa = cpu_isa()
+    lanes = {"AVX512": 16, "AVX2": 8}.get(isa, 4)
+    per_cycle = 2 * lanes * 2 if isa in ("AVX512", "AVX2") else 2 * lanes
+    return threads * per_cycle * cpu_ghz() * 1e9
+
+
+def measured_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write, best of `repeats`) with torch's current thread count: what
+    memory-bound kernels can reach here, not the DRAM datasheet figure."""
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch of dst's pages
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best

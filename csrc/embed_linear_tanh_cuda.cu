@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace charmlp {
 namespace {
@@ -356,29 +357,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cuda(c
         return;
       }
       const dim3 grid_e(unsigned(ceil_div(B, kWide)), unsigned(ceil_div(K, kSide * tn)));
-      if (deterministic) {
-        at::Tensor grad_emb = at::empty({B, K}, acc_options);  // (B, K)
+      // grad_emb = grad_pre @ W1^T into `out`: (B, K) rows, or atomically added straight into grad_C (kAtomic).
+      auto launch_grad_emb = [&](acc_t* out, auto atomic) {
+        constexpr bool kAtomic = decltype(atomic)::value;
         if (tn == 2) {
-          grad_emb_kernel<scalar_t, index_t, 2, false><<<grid_e, kThreads, 0, stream>>>(
-              idx_p, W1_p, gp, grad_emb.mutable_data_ptr<acc_t>(), B, T, E, K, H);
+          grad_emb_kernel<scalar_t, index_t, 2, kAtomic><<<grid_e, kThreads, 0, stream>>>(idx_p, W1_p, gp, out, B,
+                                                                                          T, E, K, H);
         } else {
-          grad_emb_kernel<scalar_t, index_t, 4, false><<<grid_e, kThreads, 0, stream>>>(
-              idx_p, W1_p, gp, grad_emb.mutable_data_ptr<acc_t>(), B, T, E, K, H);
+          grad_emb_kernel<scalar_t, index_t, 4, kAtomic><<<grid_e, kThreads, 0, stream>>>(idx_p, W1_p, gp, out, B,
+                                                                                          T, E, K, H);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (deterministic) {
+        at::Tensor grad_emb = at::empty({B, K}, acc_options);  // (B, K)
+        launch_grad_emb(grad_emb.mutable_data_ptr<acc_t>(), std::false_type{});
         // Sorted-index segment sums in a fixed order (ATen's embedding backward): bitwise reproducible.
         grad_C = at::embedding_dense_backward(grad_emb.view({B * T, E}), idx_c->view({B * T}), V,
                                               /*padding_idx=*/-1, /*scale_grad_by_freq=*/false);
       } else {
         grad_C = at::zeros({V, E}, acc_options);
-        if (tn == 2) {
-          grad_emb_kernel<scalar_t, index_t, 2, true><<<grid_e, kThreads, 0, stream>>>(
-              idx_p, W1_p, gp, grad_C.mutable_data_ptr<acc_t>(), B, T, E, K, H);
-        } else {
-          grad_emb_kernel<scalar_t, index_t, 4, true><<<grid_e, kThreads, 0, stream>>>(
-              idx_p, W1_p, gp, grad_C.mutable_data_ptr<acc_t>(), B, T, E, K, H);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_grad_emb(grad_C.mutable_data_ptr<acc_t>(), std::true_type{});
       }
       if (grad_C.scalar_type() != C.scalar_type()) grad_C = grad_C.to(C.scalar_type());
     });

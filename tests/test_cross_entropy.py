@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import charmlp_fast.ops as ops
 from conftest import DEVICES, requires_cuda
-from utils import assert_close, check_against_truth, rel_error
+from utils import assert_close, check_against_truth, extreme_logits, rel_error
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="charmlp_fast._C is not built")
 
@@ -131,20 +131,11 @@ def test_half_inputs_cuda(dtype, B, V, reduction):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_extreme_logits(device, dtype, reduction):
-    """Rows spread over [-1e4, 1e4], rows near +1e4 and -1e4 (where a float32 lse would lose 1e-3), one row all
-    equal, one row whose target dominates by 20, V = 2 rows."""
+    """extreme_logits (tests/utils.py): rows at +-1e4, an all-equal row, a dominating target, and V = 2."""
     g = _seed("extreme", dtype, reduction)
-    B, V = 12, 300
-    x = (torch.rand(B, V, generator=g, dtype=torch.float64) * 2 - 1) * 1e4
-    x[1] = 1e4 + torch.randn(V, generator=g, dtype=torch.float64) * 3
-    x[2] = -1e4 + torch.randn(V, generator=g, dtype=torch.float64) * 3
-    x[3] = 5.0
-    targets = torch.randint(0, V, (B,), generator=g)
-    x[4, targets[4]] = x[4].max() + 20
-    x = x.to(dtype)
-    _compare_all(x.to(device), targets.to(device), reduction, g=g)
-    x2 = (torch.rand(B, 2, generator=g, dtype=torch.float64) * 2 - 1).mul(1e4).to(dtype)
-    _compare_all(x2.to(device), torch.randint(0, 2, (B,), generator=g).to(device), reduction, g=g)
+    x, targets, x2, targets2 = extreme_logits(12, 300, g)
+    _compare_all(x.to(dtype).to(device), targets.to(device), reduction, g=g)
+    _compare_all(x2.to(dtype).to(device), targets2.to(device), reduction, g=g)
 
 
 @pytest.mark.parametrize("device", DEVICES)

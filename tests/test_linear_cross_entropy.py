@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import charmlp_fast.ops as ops
 from conftest import DEVICES, requires_cuda
-from utils import check_against_truth, rel_error
+from utils import check_against_truth, extreme_logits, rel_error
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="charmlp_fast._C is not built")
 
@@ -171,20 +171,12 @@ def _logits_through_identity(x: torch.Tensor):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_extreme_logits(device, dtype, reduction):
-    """Logits in [-1e4, 1e4], rows near +-1e4, a row all equal, a target dominating by 20, V = 2."""
+    """extreme_logits (tests/utils.py) as h @ I + 0: rows at +-1e4, an all-equal row, a dominating target, V = 2."""
     g = _seed("extreme", dtype, reduction)
-    B, V = 10, 61
-    x = (torch.rand(B, V, generator=g, dtype=torch.float64) * 2 - 1) * 1e4
-    x[1] = 1e4 + torch.randn(V, generator=g, dtype=torch.float64) * 3
-    x[2] = -1e4 + torch.randn(V, generator=g, dtype=torch.float64) * 3
-    x[3] = 5.0
-    t = torch.randint(0, V, (B,), generator=g)
-    x[4, t[4]] = x[4].max() + 20
-    h, W2, b2 = (p.to(device) for p in _logits_through_identity(x.to(dtype)))
-    _compare_all(h, W2, b2, t.to(device), reduction, g=g)
-    x2 = ((torch.rand(B, 2, generator=g, dtype=torch.float64) * 2 - 1) * 1e4).to(dtype)
-    h, W2, b2 = (p.to(device) for p in _logits_through_identity(x2))
-    _compare_all(h, W2, b2, torch.randint(0, 2, (B,), generator=g).to(device), reduction, g=g)
+    x, t, x2, t2 = extreme_logits(10, 61, g)
+    for logits, targets in ((x, t), (x2, t2)):
+        h, W2, b2 = (p.to(device) for p in _logits_through_identity(logits.to(dtype)))
+        _compare_all(h, W2, b2, targets.to(device), reduction, g=g)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -59,3 +59,17 @@ def check_against_truth(name: str, actual: torch.Tensor, truth: torch.Tensor, to
     if torch_same_dtype is not None and dtype != torch.float64:
         bound = max(bound, 2 * rel_error(torch_same_dtype.cpu()[~nan], truth))
     assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
+
+
+def extreme_logits(B: int, V: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The issue's extreme cross-entropy inputs, float64 on the CPU, B >= 5: (x (B, V), targets, x2 (B, 2),
+    targets2). x spreads over [-1e4, 1e4]; row 1 sits near +1e4 and row 2 near -1e4 (where a float32 lse would lose
+    1e-3), row 3 is all equal, and in row 4 the target dominates by 20. x2 is a V = 2 problem over [-1e4, 1e4]."""
+    x = (torch.rand(B, V, generator=g, dtype=torch.float64) * 2 - 1) * 1e4
+    x[1] = 1e4 + torch.randn(V, generator=g, dtype=torch.float64) * 3
+    x[2] = -1e4 + torch.randn(V, generator=g, dtype=torch.float64) * 3
+    x[3] = 5.0
+    t = torch.randint(0, V, (B,), generator=g)
+    x[4, t[4]] = x[4].max() + 20
+    x2 = (torch.rand(B, 2, generator=g, dtype=torch.float64) * 2 - 1) * 1e4
+    return x, t, x2, torch.randint(0, 2, (B,), generator=g)

@@ -131,9 +131,8 @@ at::Tensor sgd_train_cpu(const at::Tensor& C, const at::Tensor& W1, const at::Te
                          const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
                          int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
   const SgdTrainShape s =
-      check_sgd_train_args(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every);
-  TORCH_CHECK(valid_cluster_size(cluster_size), kClusterSizeRule, ", got ", cluster_size,
-              " (it only matters on CUDA)");
+      check_sgd_train_args(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every,
+                           cluster_size);
   TORCH_CHECK(C.device().is_cpu(), "sgd_train (CPU kernel) got C on ", C.device());
   auto losses = at::empty({s.M, s.num_losses}, C.options());
   if (s.S == 0) return losses;
@@ -177,19 +176,24 @@ std::tuple<std::string, std::vector<int64_t>> sgd_train_cuda_plan(int64_t vocab_
 
 std::string sgd_train_cpu_isa() { return isa().name; }
 
+// The op's handle, looked up once: the Autograd and ADInplaceOrView kernels below redispatch through it.
+const c10::TypedOperatorHandle<decltype(sgd_train_cpu)>& sgd_train_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("charmlp::sgd_train", "").typed<decltype(sgd_train_cpu)>();
+  return op;
+}
+
 // sgd_train mutates its parameters: bump their version counters (as every in-place op does) so that autograd
 // refuses to backpropagate through values saved before the update.
 at::Tensor sgd_train_ad_inplace(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
                                 const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
                                 const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
                                 int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("charmlp::sgd_train", "")
-                       .typed<decltype(sgd_train_ad_inplace)>();
   at::Tensor losses;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    losses = op.call(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every, cluster_size);
+    losses = sgd_train_op().call(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every,
+                                 cluster_size);
   }
   for (const at::Tensor* p : {&C, &W1, &b1, &W2, &b2}) torch::autograd::impl::bump_version(*p);
   return losses;
@@ -201,9 +205,6 @@ at::Tensor sgd_train_autograd(const at::Tensor& C, const at::Tensor& W1, const a
                               const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
                               const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
                               int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("charmlp::sgd_train", "")
-                       .typed<decltype(sgd_train_autograd)>();
   if (at::GradMode::is_enabled()) {
     const char* names[5] = {"C", "W1", "b1", "W2", "b2"};
     const at::Tensor* params[5] = {&C, &W1, &b1, &W2, &b2};
@@ -214,7 +215,8 @@ at::Tensor sgd_train_autograd(const at::Tensor& C, const at::Tensor& W1, const a
     }
   }
   at::AutoDispatchBelowAutograd guard;
-  return op.call(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every, cluster_size);
+  return sgd_train_op().call(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every,
+                             cluster_size);
 }
 
 }  // namespace

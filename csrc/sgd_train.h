@@ -89,6 +89,14 @@ CHARMLP_HOST_DEVICE int64_t minibatch_row(uint64_t seed, uint64_t step, uint64_t
 
 // ---- argument checks, shared by the CPU and CUDA kernels -----------------------------------------------------
 
+constexpr int kMaxCluster = 8;  // the portable thread-block cluster size limit
+// cluster_size as sgd_train takes it: 0 (auto) or a power of two up to kMaxCluster (the CUDA launcher instantiates
+// the kernel for 1, 2, 4 and 8 blocks). Checked with the other arguments, so a CPU run rejects what a CUDA run would.
+inline bool valid_cluster_size(int64_t cs) {
+  return cs == 0 || (cs >= 1 && cs <= kMaxCluster && (cs & (cs - 1)) == 0);
+}
+constexpr const char* kClusterSizeRule = "cluster_size must be 0 (auto), 1, 2, 4 or 8";
+
 // Sizes of one sgd_train call, derived from (and checked against) its arguments.
 struct SgdTrainShape {
   int64_t M, V, E, T, H, B, N, S;
@@ -107,7 +115,8 @@ inline SgdTrainShape check_sgd_train_args(const at::Tensor& C, const at::Tensor&
                                           const at::Tensor& Y, const at::Tensor& lrs,
                                           const std::optional<at::Tensor>& seeds,
                                           const std::optional<at::Tensor>& batch_idx, int64_t start_step,
-                                          int64_t batch_size, int64_t loss_every) {
+                                          int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
+  TORCH_CHECK(valid_cluster_size(cluster_size), kClusterSizeRule, ", got ", cluster_size);
   check_dim(C, 3, "C");
   check_dim(W1, 3, "W1");
   check_dim(b1, 2, "b1");
@@ -277,13 +286,7 @@ struct SgdTrainInputs {
 constexpr int kPersistentThreads = 512;  // 16 warps: 4 per SM sub-partition, 128 registers per thread
 constexpr int kTileM = 4;                // register tile of one thread: kTileM rows x kTileN columns of a product
 constexpr int kTileN = 4;
-constexpr int kMaxCluster = 8;           // the portable thread-block cluster size limit
 constexpr int kPreferredSlice = 64;      // hidden units per block the auto plan aims for (see sgd_train_cuda.cu)
-
-// cluster_size as sgd_train takes it: 0 (auto) or a power of two up to kMaxCluster (the launcher instantiates the
-// kernel for 1, 2, 4 and 8 blocks). Both backends check it, so a CPU run rejects what a CUDA run would.
-inline bool valid_cluster_size(int64_t cs) { return cs == 0 || (cs >= 1 && cs <= kMaxCluster && (cs & (cs - 1)) == 0); }
-constexpr const char* kClusterSizeRule = "cluster_size must be 0 (auto), 1, 2, 4 or 8";
 
 // Byte offsets into the dynamic shared memory of one block. Filled on the host, passed by value to the kernel.
 struct PersistentLayout {

@@ -299,6 +299,18 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
     }
   };
 
+  // Wt (rows, Hp) -= lr * (At @ G), At (rows, B) and G (B, Hp): the SGD update of a weight matrix fused into its
+  // gradient product, so that the gradient never exists.
+  auto sgd_update = [&](float* Wt, int64_t rows, const float* At, const float* G, const vf& neg_lr) {
+    maybe_parallel((rows + kBcastRows - 1) / kBcastRows, rows * B * Hp, [&](int64_t lo, int64_t hi) {
+      gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, rows), B, At, B, G, Hp, Hp,
+                 [&](int64_t r, int64_t c, vf s) {
+                   float* p = Wt + r * Hp + c;
+                   vstore(p, vfma(neg_lr, s, vload(p)));
+                 });
+    });
+  };
+
   float window_sum = 0.f;
   int64_t window_count = 0, loss_pos = 0;
   const float inv_B = 1.0f / static_cast<float>(B);
@@ -409,13 +421,7 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
     if (blas) {
       tW2T.addmm_(tlogit.t(), th, 1.0, -lr);
     } else {
-      maybe_parallel((V + kBcastRows - 1) / kBcastRows, V * B * Hp, [&](int64_t lo, int64_t hi) {
-        gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, V), B, dlT.data(), B, h.data(), Hp, Hp,
-                   [&](int64_t r, int64_t c, vf s) {
-                     float* p = W2T.data() + r * Hp + c;
-                     vstore(p, vfma(neg_lr, s, vload(p)));
-                   });
-      });
+      sgd_update(W2T.data(), V, dlT.data(), h.data(), neg_lr);
     }
     for (int64_t v = 0; v < V; ++v) {
       float s = 0.f;
@@ -437,13 +443,7 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
     if (blas) {
       tW1p.addmm_(tx.t(), tg, 1.0, -lr);
     } else {
-      maybe_parallel((TE + kBcastRows - 1) / kBcastRows, TE * B * Hp, [&](int64_t lo, int64_t hi) {
-        gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, TE), B, xT.data(), B, g.data(), Hp, Hp,
-                   [&](int64_t r, int64_t c, vf s) {
-                     float* p = W1p.data() + r * Hp + c;
-                     vstore(p, vfma(neg_lr, s, vload(p)));
-                   });
-      });
+      sgd_update(W1p.data(), TE, xT.data(), g.data(), neg_lr);
     }
     for (int64_t c = 0; c < Hp; c += W) {
       vf s = {};

@@ -496,7 +496,8 @@ at::Tensor sgd_train_cuda(const at::Tensor& C, const at::Tensor& W1, const at::T
                           const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
                           int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
   const SgdTrainShape s =
-      check_sgd_train_args(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every);
+      check_sgd_train_args(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every,
+                           cluster_size);
   TORCH_CHECK(C.is_cuda(), "sgd_train (CUDA kernel) got C on ", C.device());
   const c10::cuda::CUDAGuard guard(C.device());
   auto losses = at::empty({s.M, s.num_losses}, C.options());

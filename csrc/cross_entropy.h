@@ -649,4 +649,17 @@ void cross_entropy_reduce_cuda(const at::Tensor& targets, int64_t ignore_index, 
                                const at::Tensor& row_losses, const at::Tensor& loss, const at::Tensor& n_valid);
 #endif
 
+#if defined(__CUDACC__)
+// The target of row i of the kernels above, ignore_index for a row past the end (!active). A counted target is
+// checked on the device, as torch's own embedding does: the CPU kernels check on the host, which here would cost
+// a sync.
+template <typename index_t>
+__device__ __forceinline__ int64_t row_target(const index_t* targets, int64_t i, bool active, int64_t V,
+                                              int64_t ignore_index) {
+  const int64_t t = active ? static_cast<int64_t>(targets[i]) : ignore_index;
+  if (t != ignore_index) CUDA_KERNEL_ASSERT(t >= 0 && t < V);
+  return t;
+}
+#endif
+
 }  // namespace charmlp

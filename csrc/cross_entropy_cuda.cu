@@ -188,9 +188,8 @@ __global__ void __launch_bounds__(RowLaunch<kTPR>::kThreads)
   const int lane = threadIdx.x % kTPR;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * RowLaunch<kTPR>::kRows + threadIdx.x / kTPR;
   const bool active = i < B;
-  const int64_t t = active ? static_cast<int64_t>(targets[i]) : ignore_index;
-  const bool counted = active && t != ignore_index;
-  if (counted) CUDA_KERNEL_ASSERT(t >= 0 && t < V);
+  const int64_t t = row_target(targets, i, active, V, ignore_index);
+  const bool counted = t != ignore_index;
   scalar_t* row = logits + (active ? i : 0) * V;  // row is (V,)
 
   OnlineLse<acc_t> st = lse_init<acc_t>();
@@ -228,9 +227,8 @@ __global__ void __launch_bounds__(RowLaunch<kTPR>::kThreads)
   const int lane = threadIdx.x % kTPR;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * RowLaunch<kTPR>::kRows + threadIdx.x / kTPR;
   const bool active = i < B;
-  const int64_t t = active ? static_cast<int64_t>(targets[i]) : ignore_index;
-  const bool counted = active && t != ignore_index;
-  if (counted) CUDA_KERNEL_ASSERT(t >= 0 && t < V);
+  const int64_t t = row_target(targets, i, active, V, ignore_index);
+  const bool counted = t != ignore_index;
   acc_t g = 0;
   double row_lse_value = 0;
   if (counted) {

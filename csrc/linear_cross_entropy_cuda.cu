@@ -147,9 +147,8 @@ __global__ void __launch_bounds__(kSmallThreads) linear_cross_entropy_small_kern
   for (int64_t tile = row_begin; tile < row_end; tile += kSmallWarps) {
     const int64_t i = tile + warp;  // this warp's row
     const bool active = i < row_end;
-    const int64_t t = active ? static_cast<int64_t>(targets[i]) : ignore_index;
-    const bool counted = active && t != ignore_index;
-    if (counted) CUDA_KERNEL_ASSERT(t >= 0 && t < V);
+    const int64_t t = row_target(targets, i, active, V, ignore_index);
+    const bool counted = t != ignore_index;
     scalar_t* h_row = hs + warp * H;
     for (int64_t k = lane; k < H; k += 32) h_row[k] = active ? h[i * H + k] : scalar_t(0);
     __syncwarp();

@@ -182,14 +182,15 @@ class TrainingDiverged(CLIError):
     pass
 
 
-def check_finite(chunk: torch.Tensor, lrs: torch.Tensor, start: int) -> float:
-    """Last loss of a chunk; raises TrainingDiverged naming the first non-finite step. One host sync."""
-    last, n_bad = torch.stack([chunk[-1].float(), (~torch.isfinite(chunk)).sum().float()]).tolist()
+def check_finite(chunk: torch.Tensor, lrs: torch.Tensor, start: int) -> tuple[float, float]:
+    """(last, mean) loss of a chunk; raises TrainingDiverged naming the first non-finite step. One host sync."""
+    last, mean, n_bad = torch.stack([chunk[-1].float(), chunk.float().mean(),
+                                     (~torch.isfinite(chunk)).sum().float()]).tolist()
     if n_bad:
         i = int((~torch.isfinite(chunk)).nonzero()[0])
         raise TrainingDiverged(f"the training loss became {chunk[i].item()} at step {start + i} "
                                f"(learning rate {lrs[i].item():g}); lower --lr or --lr-after")
-    return last
+    return last, mean
 
 
 def resume_config(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, object]:
@@ -259,10 +260,10 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
             lrs = lr_schedule(cfg.lr, cfg.lr_decay_step, cfg.lr_after, step, n)
             t_chunk = time.perf_counter()
             chunk = stepper.run(step, lrs)
-            last = check_finite(chunk, lrs, step)
+            last, mean = check_finite(chunk, lrs, step)
             losses.append(chunk)
             step += n
-            record = {"step": step, "loss": last, "loss_mean": chunk.mean().item(), "lr": lrs[-1].item(),
+            record = {"step": step, "loss": last, "loss_mean": mean, "lr": lrs[-1].item(),
                       "steps_per_s": n / (time.perf_counter() - t_chunk)}
             postfix = {"loss": f"{last:.4f}"}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:

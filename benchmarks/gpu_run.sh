@@ -52,8 +52,8 @@ bounded() {
     echo "== $phase ($((DEADLINE - SECONDS)) s left)"
     case "$phase" in
       test) bounded python -m pytest -q -rs tests 2>&1 | tail -80 ;;
-      ops) bounded python benchmarks/bench_ops.py --device cuda --out "$OUT" ;;
-      ops:*) bounded python benchmarks/bench_ops.py --device cuda --sizes "${phase#ops:}" --out "$OUT" ;;
+      ops | ops:*) sizes=${phase#ops}; sizes=${sizes#:}
+                   bounded python benchmarks/bench_ops.py --device cuda ${sizes:+--sizes "$sizes"} --out "$OUT" ;;
       train) bounded python benchmarks/bench_train.py --device cuda --baseline-steps 20000 --out "$OUT" ;;
       *) echo "unknown phase $phase (test, ops[:SIZES], train)" ;;
     esac

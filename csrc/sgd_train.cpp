@@ -19,6 +19,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
@@ -49,6 +50,57 @@ struct CpuTrainArgs : SgdTrainArgs<void> {
   int64_t M, V, E, T, H, B;
   CpuGemm gemm;
 };
+
+// MKL's per-thread thread count, C interface (mkl_service.h's mkl_set_num_threads_local; the lower-case symbol is
+// the Fortran one, which takes a pointer). Exported by the libtorch that bundles MKL; null where torch uses another
+// BLAS.
+extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
+
+// Makes the BLAS calls of the current thread single-threaded while it lives.
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_;
+};
+
+constexpr int64_t kBlasTile = 128;  // rows (or columns) of out per BLAS call
+
+// out (R, N) = beta * out + alpha * (a (R, K) @ b (K, N)), the products of the CPU loop's BLAS path (beta 0: out =
+// alpha * a @ b). Why not one BLAS call: the summation order of a call may depend on how many threads the library
+// gives it (MKL's does, on some CPUs), so a model trained alone with two threads would differ from the same model
+// trained beside others, where each model's calls run on one thread. Instead, out is cut into tiles of kBlasTile
+// rows, or columns when it is wider than tall, and each tile is one single-threaded call; the tiles run on the
+// intra-op threads. The tiles and each tile's arithmetic depend on the sizes alone, so the result is the same for
+// any thread count and any number of models side by side (on a BLAS other than MKL, as far as that BLAS is
+// single-threaded inside a parallel region).
+void blas_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta = 0.f, float alpha = 1.f) {
+  const int64_t R = out.size(0), N = out.size(1), K = a.size(1);
+  const bool by_rows = R >= N;
+  const int64_t tiles = ((by_rows ? R : N) + kBlasTile - 1) / kBlasTile;
+  auto run = [&](int64_t lo, int64_t hi) {
+    const SequentialBlas sequential;
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t begin = t * kBlasTile, len = std::min(kBlasTile, (by_rows ? R : N) - begin);
+      const at::Tensor o = out.narrow(by_rows ? 0 : 1, begin, len);
+      const at::Tensor x = by_rows ? a.narrow(0, begin, len) : a;
+      const at::Tensor y = by_rows ? b : b.narrow(1, begin, len);
+      o.addmm_(x, y, beta, alpha);  // beta 0 ignores what out held, as BLAS does
+    }
+  };
+  // Fork only when the product repays it (as maybe_parallel in sgd_train_cpu_kernels.h decides for its loops).
+  if (tiles > 1 && R * N * K >= (int64_t(1) << 20)) {
+    at::parallel_for(0, tiles, 1, run);
+  } else {
+    run(0, tiles);
+  }
+}
 
 }  // namespace cpu_train
 }  // namespace charmlp

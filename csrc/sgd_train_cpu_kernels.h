@@ -21,10 +21,11 @@
 //    cost more than all the products together;
 //  * the next step's minibatch rows are drawn one step ahead and prefetched.
 // Above ~2 M multiply-adds per step the register tiles run out of cache (no panel packing) and the same loop runs
-// its six products through BLAS (at::mm_out / addmm_ on views of the same buffers; MKL packs and blocks) and keeps
-// its own gather, tanh, softmax, scatter and updates.
-// Results are deterministic: every sum of the SIMD path has a fixed order whatever the thread count; the BLAS path
-// is as deterministic as the BLAS library for a fixed thread count.
+// its six products through BLAS (blas_gemm in sgd_train.cpp, on views of the same buffers; MKL packs and blocks)
+// and keeps its own gather, tanh, softmax, scatter and updates.
+// Results are deterministic and do not depend on the thread count or on how many models share the call: every sum
+// of the SIMD path has a fixed order, and the BLAS path computes fixed tiles of each product with one
+// single-threaded BLAS call each (see blas_gemm).
 
 constexpr int W = CHARMLP_VW;
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
@@ -251,16 +252,30 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
   const int64_t* batch_idx = a.batch_idx ? a.batch_idx + m * a.idx_stride : nullptr;
   const uint64_t seed = a.seeds ? static_cast<uint64_t>(a.seeds[m]) : 0;
 
-  // Working set of the call (seed size: ~90 KB, L2-resident). Padding rows/columns are zero and stay zero.
-  std::vector<float> W1p(TE * Hp, 0.f), b1p(Hp, 0.f), W2T(Vp * Hp, 0.f);
-  std::vector<float> h(B * Hp), g(B * Hp);         // tanh activations and dpre = dL/d(pre-activation), (B, Hp)
-  std::vector<float> x(B * TE), xT(TE * B);        // gathered embeddings (B, TE) and transposed
-  std::vector<float> logit(B * Vp, 0.f), dlT(V * B);  // logits -> dL/dlogits (B, Vp), transposed (V, B)
-  std::vector<float> dx(B * TE), dC(V * E, 0.f), rowloss(B);
+  // Working set of the call (seed size: ~90 KB, L2-resident). Padding rows/columns are zero and stay zero. The
+  // float buffers come from ATen's allocator (64-byte aligned) so that the BLAS path's operands are aligned the same
+  // way in every call, whichever model of a call they belong to.
+  const auto zeros = [](int64_t n) { return at::zeros({n}, at::TensorOptions().dtype(at::kFloat)); };
+  const at::Tensor buf_W1p = zeros(TE * Hp), buf_b1p = zeros(Hp), buf_W2T = zeros(Vp * Hp);
+  const at::Tensor buf_h = zeros(B * Hp), buf_g = zeros(B * Hp), buf_x = zeros(B * TE), buf_xT = zeros(TE * B);
+  const at::Tensor buf_logit = zeros(B * Vp), buf_dlT = zeros(V * B), buf_dx = zeros(B * TE), buf_dC = zeros(V * E);
+  const at::Tensor buf_rowloss = zeros(B);
+  float* const W1p = buf_W1p.data_ptr<float>();    // W1 (TE, Hp)
+  float* const b1p = buf_b1p.data_ptr<float>();    // b1 (Hp)
+  float* const W2T = buf_W2T.data_ptr<float>();    // W2 transposed (Vp, Hp)
+  float* const h = buf_h.data_ptr<float>();        // tanh activations (B, Hp)
+  float* const g = buf_g.data_ptr<float>();        // dpre = dL/d(pre-activation) (B, Hp)
+  float* const x = buf_x.data_ptr<float>();        // gathered embeddings (B, TE)
+  float* const xT = buf_xT.data_ptr<float>();      // and transposed (TE, B)
+  float* const logit = buf_logit.data_ptr<float>();  // logits -> dL/dlogits (B, Vp)
+  float* const dlT = buf_dlT.data_ptr<float>();    // dL/dlogits transposed (V, B)
+  float* const dx = buf_dx.data_ptr<float>();      // dL/dx (B, TE)
+  float* const dC = buf_dC.data_ptr<float>();      // dL/dC (V, E)
+  float* const rowloss = buf_rowloss.data_ptr<float>();  // (B)
   std::vector<int64_t> tok(B * T), tgt(B);
 
-  for (int64_t k = 0; k < TE; ++k) std::copy(W1 + k * H, W1 + (k + 1) * H, W1p.data() + k * Hp);
-  std::copy(b1, b1 + H, b1p.data());
+  for (int64_t k = 0; k < TE; ++k) std::copy(W1 + k * H, W1 + (k + 1) * H, W1p + k * Hp);
+  std::copy(b1, b1 + H, b1p);
   for (int64_t j = 0; j < H; ++j)
     for (int64_t v = 0; v < V; ++v) W2T[v * Hp + j] = W2[j * V + v];
 
@@ -268,17 +283,9 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
   // register-tiled products win below ~2 M multiply-adds per step (the seed: 0.7 M), where the ~5 us of each of
   // the six BLAS calls is not amortised.
   const bool blas = a.gemm == CpuGemm::kBlas || (a.gemm == CpuGemm::kAuto && B * Hp * (2 * TE + 2 * Vp) >= kBlasWork);
-  at::Tensor tx, tW1p, th, tg, tlogit, tW2T, tdx;
-  if (blas) {
-    const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    tx = at::from_blob(x.data(), {B, TE}, f32);
-    tW1p = at::from_blob(W1p.data(), {TE, Hp}, f32);
-    th = at::from_blob(h.data(), {B, Hp}, f32);
-    tg = at::from_blob(g.data(), {B, Hp}, f32);
-    tlogit = at::from_blob(logit.data(), {B, Vp}, f32);
-    tW2T = at::from_blob(W2T.data(), {Vp, Hp}, f32);
-    tdx = at::from_blob(dx.data(), {B, TE}, f32);
-  }
+  const at::Tensor tx = buf_x.view({B, TE}), tW1p = buf_W1p.view({TE, Hp}), th = buf_h.view({B, Hp}),
+                   tg = buf_g.view({B, Hp}), tlogit = buf_logit.view({B, Vp}), tW2T = buf_W2T.view({Vp, Hp}),
+                   tdx = buf_dx.view({B, TE});
 
   // Minibatch rows of step i into rows[i % 2]; one step ahead, so that their rows of X and Y are prefetched
   // while step i computes (a random row of a 180k-example dataset is a cache miss, ~10 % of a step otherwise).
@@ -327,7 +334,7 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
         const int64_t tk = static_cast<int64_t>(X[row * T + t]);
         TORCH_CHECK(tk >= 0 && tk < V, "X[", row, ", ", t, "] = ", tk, " is out of range for a vocabulary of ", V);
         tok[b * T + t] = tk;
-        std::copy(C + tk * E, C + (tk + 1) * E, x.data() + b * TE + t * E);
+        std::copy(C + tk * E, C + (tk + 1) * E, x + b * TE + t * E);
       }
       const int64_t y = static_cast<int64_t>(Y[row]);
       TORCH_CHECK(y >= 0 && y < V, "Y[", row, "] = ", y, " is out of range for a vocabulary of ", V);
@@ -337,29 +344,29 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
 
     // 2. h = tanh(x @ W1p + b1p)   (B, Hp); the padding columns come out as tanh(0) = 0.
     if (blas) {
-      at::mm_out(th, tx, tW1p);
+      blas_gemm(th, tx, tW1p);
       maybe_parallel(B, B * Hp * 16, [&](int64_t lo, int64_t hi) {
         for (int64_t r = lo; r < hi; ++r)
           for (int64_t c = 0; c < Hp; c += W)
-            vstore(h.data() + r * Hp + c, vtanh(vload(h.data() + r * Hp + c) + vload(b1p.data() + c)));
+            vstore(h + r * Hp + c, vtanh(vload(h + r * Hp + c) + vload(b1p + c)));
       });
     } else {
       for (int64_t b = 0; b < B; ++b)
         for (int64_t k = 0; k < TE; ++k) xT[k * B + b] = x[b * TE + k];
       maybe_parallel((B + kBcastRows - 1) / kBcastRows, B * TE * Hp, [&](int64_t lo, int64_t hi) {
-        gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, B), TE, x.data(), TE, W1p.data(), Hp, Hp,
-                   [&](int64_t r, int64_t c, vf s) { vstore(h.data() + r * Hp + c, vtanh(s + vload(b1p.data() + c))); });
+        gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, B), TE, x, TE, W1p, Hp, Hp,
+                   [&](int64_t r, int64_t c, vf s) { vstore(h + r * Hp + c, vtanh(s + vload(b1p + c))); });
       });
     }
 
     // 3. logits = h @ W2T^T + b2   (B, V)
     if (blas) {
-      at::mm_out(tlogit, th, tW2T.t());
+      blas_gemm(tlogit, th, tW2T.t());
       for (int64_t r = 0; r < B; ++r)
         for (int64_t v = 0; v < V; ++v) logit[r * Vp + v] += b2[v];
     } else {
       maybe_parallel((B + 3) / 4, B * V * Hp, [&](int64_t lo, int64_t hi) {
-        gemm_dot(lo * 4, std::min(hi * 4, B), V, Hp, h.data(), Hp, W2T.data(), Hp,
+        gemm_dot(lo * 4, std::min(hi * 4, B), V, Hp, h, Hp, W2T, Hp,
                  [&](int64_t r, int64_t c, float s) { logit[r * Vp + c] = s + b2[c]; });
       });
     }
@@ -368,7 +375,7 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
     //    (zero in the padding columns).
     maybe_parallel(B, B * V * 16, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
-        float* l = logit.data() + b * Vp;
+        float* l = logit + b * Vp;
         float mx = l[0];
         for (int64_t v = 1; v < V; ++v) mx = std::max(mx, l[v]);
         const float l_target = l[tgt[b]];
@@ -397,20 +404,20 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
 
     // 5. dpre = (dl @ W2T) * (1 - h^2)   (B, Hp) — before W2 changes.
     if (blas) {
-      at::mm_out(tg, tlogit, tW2T);
+      blas_gemm(tg, tlogit, tW2T);
       maybe_parallel(B, B * Hp * 4, [&](int64_t lo, int64_t hi) {
         for (int64_t r = lo; r < hi; ++r)
           for (int64_t c = 0; c < Hp; c += W) {
-            const vf hv = vload(h.data() + r * Hp + c);
-            vstore(g.data() + r * Hp + c, vload(g.data() + r * Hp + c) * (1.0f - hv * hv));
+            const vf hv = vload(h + r * Hp + c);
+            vstore(g + r * Hp + c, vload(g + r * Hp + c) * (1.0f - hv * hv));
           }
       });
     } else {
       maybe_parallel((B + kBcastRows - 1) / kBcastRows, B * V * Hp, [&](int64_t lo, int64_t hi) {
-        gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, B), V, logit.data(), Vp, W2T.data(), Hp, Hp,
+        gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, B), V, logit, Vp, W2T, Hp, Hp,
                    [&](int64_t r, int64_t c, vf s) {
-                     const vf hv = vload(h.data() + r * Hp + c);
-                     vstore(g.data() + r * Hp + c, s * (1.0f - hv * hv));
+                     const vf hv = vload(h + r * Hp + c);
+                     vstore(g + r * Hp + c, s * (1.0f - hv * hv));
                    });
       });
     }
@@ -419,9 +426,9 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t v = 0; v < V; ++v) dlT[v * B + b] = logit[b * Vp + v];
     if (blas) {
-      tW2T.addmm_(tlogit.t(), th, 1.0, -lr);
+      blas_gemm(tW2T, tlogit.t(), th, 1.0f, -lr);
     } else {
-      sgd_update(W2T.data(), V, dlT.data(), h.data(), neg_lr);
+      sgd_update(W2T, V, dlT, h, neg_lr);
     }
     for (int64_t v = 0; v < V; ++v) {
       float s = 0.f;
@@ -431,30 +438,30 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
 
     // 7. dx = dpre @ W1p^T   (B, TE) — before W1 changes.
     if (blas) {
-      at::mm_out(tdx, tg, tW1p.t());
+      blas_gemm(tdx, tg, tW1p.t());
     } else {
       maybe_parallel((B + 3) / 4, B * TE * Hp, [&](int64_t lo, int64_t hi) {
-        gemm_dot(lo * 4, std::min(hi * 4, B), TE, Hp, g.data(), Hp, W1p.data(), Hp,
+        gemm_dot(lo * 4, std::min(hi * 4, B), TE, Hp, g, Hp, W1p, Hp,
                  [&](int64_t r, int64_t c, float s) { dx[r * TE + c] = s; });
       });
     }
 
     // 8. W1p -= lr * (x^T @ dpre), b1p -= lr * sum_b dpre.
     if (blas) {
-      tW1p.addmm_(tx.t(), tg, 1.0, -lr);
+      blas_gemm(tW1p, tx.t(), tg, 1.0f, -lr);
     } else {
-      sgd_update(W1p.data(), TE, xT.data(), g.data(), neg_lr);
+      sgd_update(W1p, TE, xT, g, neg_lr);
     }
     for (int64_t c = 0; c < Hp; c += W) {
       vf s = {};
-      for (int64_t b = 0; b < B; ++b) s += vload(g.data() + b * Hp + c);
-      vstore(b1p.data() + c, vfma(neg_lr, s, vload(b1p.data() + c)));
+      for (int64_t b = 0; b < B; ++b) s += vload(g + b * Hp + c);
+      vstore(b1p + c, vfma(neg_lr, s, vload(b1p + c)));
     }
 
     // 9. C -= lr * dC, dC = the rows of dx scattered onto their tokens (in (b, t) order: deterministic).
     for (int64_t p = 0; p < B * T; ++p) {
-      float* dst = dC.data() + tok[p] * E;
-      const float* src = dx.data() + p * E;  // dx (B, TE) is (B*T, E) row by row
+      float* dst = dC + tok[p] * E;
+      const float* src = dx + p * E;  // dx (B, TE) is (B*T, E) row by row
       for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
     }
     for (int64_t q = 0; q < V * E; ++q) {
@@ -469,8 +476,8 @@ static void train_one_model(const CpuTrainArgs& a, int64_t m) {
     }
   }
 
-  for (int64_t k = 0; k < TE; ++k) std::copy(W1p.data() + k * Hp, W1p.data() + k * Hp + H, W1 + k * H);
-  std::copy(b1p.data(), b1p.data() + H, b1);
+  for (int64_t k = 0; k < TE; ++k) std::copy(W1p + k * Hp, W1p + k * Hp + H, W1 + k * H);
+  std::copy(b1p, b1p + H, b1);
   for (int64_t j = 0; j < H; ++j)
     for (int64_t v = 0; v < V; ++v) W2[j * V + v] = W2T[v * Hp + j];
 }

@@ -279,6 +279,32 @@ def test_models_side_by_side_equal_separate_runs(device, gemm, mode, monkeypatch
             assert torch.equal(p[0], q[m]), m
 
 
+@pytest.mark.parametrize("gemm", ["simd", "blas"])
+@pytest.mark.parametrize("V,T,E,H,B,S", [(17, 4, 6, 40, 9, 60), (300, 8, 32, 512, 256, 12)])
+def test_cpu_result_does_not_depend_on_the_thread_count(gemm, V, T, E, H, B, S, monkeypatch):
+    """1, 2 and 3 intra-op threads give bitwise the same losses and parameters, for one model and for three side by
+    side. The second size is large enough for the products to be split across threads."""
+    monkeypatch.setenv("CHARMLP_CPU_GEMM", gemm)
+    X, Y = make_data(V, T, 2000, seed=12)
+    lrs = torch.linspace(0.2, 0.05, S)
+    results = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for M in (1, 3):
+                params = init_params(V, T, E, H, seed=7, M=M)
+                results[threads, M] = run_op(params, X, Y, lrs, seeds=torch.arange(1, M + 1), batch_size=B)
+    finally:
+        torch.set_num_threads(before)
+    for (threads, M), (losses, params) in results.items():
+        ref_losses, ref_params = results[1, M]
+        assert torch.equal(losses, ref_losses), (threads, M)
+        for name, p, q in zip(("C", "W1", "b1", "W2", "b2"), params, ref_params):
+            assert torch.equal(p, q), f"{name} with {threads} threads, M = {M}"
+        assert torch.equal(losses[0], results[1, 1][0][0]), "model 0 of three differs from model 0 alone"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_shared_batch_idx_and_lrs_broadcast_over_models(device):
     """(S, B) batch_idx and (S,) lrs apply to every model: two identical models stay identical."""

@@ -7,7 +7,8 @@
 SHELL := /bin/bash
 SYSTEM_PYTHON ?= python3
 VENV ?= .venv
-# The CUDA 13 build of torch: with nvcc present the extension's CUDA kernels are compiled too (even without a GPU).
+# The CUDA 13 build of torch (most of the venv's size): it runs on the CPU too, and with nvcc present it compiles
+# the extension's CUDA kernels (on a GPU box, or with CHARMLP_CUDA=1 as CI does, even without a GPU).
 TORCH_SPEC ?= torch==2.14.1
 # torch's cpp_extension guesses CUDA_HOME wrong when nvcc is not on PATH.
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
@@ -37,10 +38,13 @@ $(VENV)/.deps-installed: pyproject.toml
 	touch $@
 
 # Install the package in editable mode, which compiles charmlp_fast._C in place; again whenever a source changes.
+# The CUDA kernels are compiled when a GPU is visible or CHARMLP_CUDA=1 asks for them (see setup.py).
 build: charmlp_fast/.built
 
 charmlp_fast/.built: $(SETUP_STAMP) setup.py pyproject.toml $(wildcard csrc/*)
-	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	@echo "building $$($(PYTHON) setup.py --plan 2>/dev/null)"
+	@start=$$(date +%s); $(PYTHON) -m pip install --no-build-isolation --no-deps -e . \
+	  && echo "built charmlp_fast._C in $$(( $$(date +%s) - start )) s"
 	touch $@
 
 train: setup

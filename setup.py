@@ -1,8 +1,12 @@
 """Build charmlp_fast._C from csrc/.
 
-C++ sources are always built. CUDA sources (csrc/*.cu) are built whenever the installed torch is a CUDA
-build and nvcc is found (CUDA_HOME), even when no GPU is visible, so that a .cu that does not compile
-never lands. Set CHARMLP_CUDA=0 to force a CPU-only build (fast iteration), CHARMLP_CUDA=1 to require CUDA.
+C++ sources are always built. CUDA sources (csrc/*.cu) are built when CHARMLP_CUDA=1 asks for them (CI does, so
+that a .cu that does not compile never lands, GPU or not), or, by default (CHARMLP_CUDA=auto), when a GPU is
+visible and the installed torch is a CUDA build with nvcc found (CUDA_HOME): compiling kernels that cannot run
+costs a CPU-only machine most of its set-up time. CHARMLP_CUDA=0 never builds them.
+
+`python setup.py --plan` prints one line saying what a build would compile (the Makefile shows it before
+building, since pip hides the build's output).
 """
 import glob
 import os
@@ -15,19 +19,32 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def want_cuda() -> bool:
     env = os.environ.get("CHARMLP_CUDA", "auto").lower()
-    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if env in ("0", "false", "no"):
+    if env not in ("0", "1", "auto"):
+        sys.exit(f"CHARMLP_CUDA must be 0, 1 or auto, got {env!r}")
+    if env == "0":
         return False
-    if env in ("1", "true", "yes") and not available:
+    can_compile = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if env == "1" and not can_compile:
         sys.exit(
             f"CHARMLP_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and "
             f"CUDA_HOME={cpp_extension.CUDA_HOME!r}: install a CUDA build of torch and set CUDA_HOME"
         )
-    return available
+    return env == "1" or (can_compile and torch.cuda.is_available())
+
+
+def plan() -> str:
+    """What a build compiles, and roughly how long it takes on a 2-core machine (see benchmarks/RESULTS.md)."""
+    if not want_cuda():
+        why = "CHARMLP_CUDA=0" if os.environ.get("CHARMLP_CUDA") == "0" else "no GPU visible; CHARMLP_CUDA=1 adds them"
+        return f"charmlp_fast._C: C++ kernels only ({why}), about 3 minutes on 2 cores"
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    return (f"charmlp_fast._C: C++ and CUDA kernels (sm {archs}), about 12 minutes on 2 cores, "
+            "less with fewer architectures (TORCH_CUDA_ARCH_LIST) or more cores (MAX_JOBS)")
 
 
 def cuda_include_dirs() -> list[str]:
@@ -55,7 +72,7 @@ def extensions():
     if want_cuda():
         # sm_80 (A100) and sm_90 (H100/H200) unless the user chose otherwise, plus sm_90 PTX so that newer GPUs
         # (Blackwell) JIT-compile the kernels instead of failing with "no kernel image".
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
         return [
             cpp_extension.CUDAExtension(
@@ -81,6 +98,10 @@ def extensions():
         )
     ]
 
+
+if sys.argv[1:] == ["--plan"]:
+    print(plan())
+    sys.exit(0)
 
 setup(
     ext_modules=extensions(),

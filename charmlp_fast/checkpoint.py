@@ -98,6 +98,11 @@ def load_checkpoint(path: str | os.PathLike, impl: str = "reference", device: st
         raise CheckpointError(f"{path}: parameter shapes {found} do not match the model sizes {sizes}")
     if len(vocab) != sizes["vocab_size"]:
         raise CheckpointError(f"{path}: vocabulary of {len(vocab)} tokens but vocab_size {sizes['vocab_size']}")
+    bad = {name: int((~torch.isfinite(tensors[name])).sum()) for name in PARAM_NAMES}
+    if any(bad.values()):
+        raise CheckpointError(f"{path} holds non-finite weights ("
+                              + ", ".join(f"{name}: {n:,} of {tensors[name].numel():,}" for name, n in bad.items() if n)
+                              + "): it cannot be sampled from or trained on")
     with torch.no_grad():
         for name, p in zip(PARAM_NAMES, model.params()):
             p.copy_(tensors[name])

@@ -32,15 +32,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def quiet_interrupts() -> None:
-    """A Ctrl-C before run_main is reached (while torch is imported) ends the program without a traceback. Call it
-    from a program's `if __name__ == "__main__"` guard placed above its heavy imports."""
+    """A Ctrl-C before run_main is reached (while torch is imported) ends the program with one line and exit
+    status 130, not a traceback. Call it from a program's `if __name__ == "__main__"` guard placed above its heavy
+    imports."""
     hook = sys.excepthook
 
     def excepthook(kind, value, tb):
-        if issubclass(kind, KeyboardInterrupt):
-            print("interrupted", file=sys.stderr)
+        # An extension module interrupted while it loads can surface as an ImportError raised while the
+        # KeyboardInterrupt is handled: look along the chain of exceptions.
+        error = value
+        while error is not None and not isinstance(error, KeyboardInterrupt):
+            error = error.__cause__ or error.__context__
+        if error is None:
+            hook(kind, value, tb)
             return
-        hook(kind, value, tb)
+        print(f"{Path(sys.argv[0]).stem}: interrupted during start-up", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)  # the hook cannot set the exit status otherwise; nothing is written yet
 
     sys.excepthook = excepthook
 
@@ -55,8 +62,8 @@ def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: li
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except OSError as e:  # e.g. the disk filled up while writing an output; what was written before stays valid
-        where = f" {e.filename}" if e.filename else ""
-        print(f"{prog}: error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(EXIT_OS_ERROR)
     except KeyboardInterrupt:  # during start-up, or a second Ctrl-C: the last checkpoint on disk stays intact
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -50,7 +50,7 @@ def plot_loss_curve(path: str | Path, records: list[dict], dev_curve: list[dict]
     band of the per-step losses within each chunk (10-90 % quantiles), their mean per SMOOTHING_WINDOW steps, and
     the dev loss at each evaluation; log-scale loss axis, as the seed plots log10 of the loss."""
     plt = _pyplot()
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     if records:
@@ -61,14 +61,16 @@ def plot_loss_curve(path: str | Path, records: list[dict], dev_curve: list[dict]
         high = [r.get("loss_p90", r["loss_mean"]) for r in records]
         ax.fill_between(steps, low[:1] + low, high[:1] + high, step="pre", color="C0", alpha=0.25, lw=0,
                         label="train, 10-90 % of the steps in each chunk")
-        window = max(1, min(SMOOTHING_WINDOW, steps[-1] // 20))  # at least ~20 points on a short run
+        # At least ~20 points on a short run, but never finer than the chunks the records hold.
+        window = max(1, min(SMOOTHING_WINDOW, steps[-1] // 20), max(r.get("chunk_steps", 1) for r in records))
         ax.plot(*smoothed(records, window), color="C0", lw=1.5, label=f"train, mean per {window:,} steps")
     if dev_curve:
         ax.plot([d["step"] for d in dev_curve], [d["dev_loss"] for d in dev_curve], "o-", color="C3", ms=4,
                 label="dev (full split)")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 2, 3, 4 rather than 2 x 10^0
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 2, 3, 5 rather than 2 x 10^0
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("loss (log scale)")
     ax.legend()

@@ -100,6 +100,35 @@ def test_plots_are_written(tmp_path, words_file):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_word_embedding_labels_only_the_most_frequent(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from charmlp_fast.plots import WORD_LABELS, plot_embedding
+
+    labels = []
+    real = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", lambda self, text, *a, **kw: labels.append(text)
+                        or real(self, text, *a, **kw))
+    vocab = Vocab.from_sentences([[f"w{i}" for i in range(200)]])
+    plot_embedding(tmp_path / "embedding.png", torch.randn(len(vocab), 5), vocab)
+    assert labels == list(vocab.itos[:WORD_LABELS])  # <s>, <unk>, then the most frequent words
+    assert (tmp_path / "embedding.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_plot_after_resume_draws_the_whole_history(tmp_path, words_file, monkeypatch):
+    from charmlp_fast import plots
+
+    train(small_cfg(words_file, tmp_path, steps=200), progress=False)
+    seen = []
+    monkeypatch.setattr(plots, "plot_loss_curve", lambda path, records, dev: seen.append((records, dev)))
+    resumed, given = parse_args(["--resume", str(tmp_path / "model.safetensors"), "--steps", "300"])
+    train(resumed, progress=False, given={**given, "plots": True})
+    records, dev = seen[0]
+    assert [r["step"] for r in records] == list(range(50, 301, 50))
+    assert all(r["loss_p10"] <= r["loss_p50"] <= r["loss_p90"] and r["chunk_steps"] == 50 for r in records)
+    assert dev[-1]["step"] == 300
+
+
 def test_embedding_projection():
     C = torch.randn(20, 2)
     assert torch.equal(embedding_2d(C)[0], C)  # E == 2: the embedding itself, as in the seed

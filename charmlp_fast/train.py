@@ -44,9 +44,10 @@ IMPL_CHOICES = ("auto", "reference", "fused", "graph", "persistent")
 # first step) stops the run. The seed's initialisation starts near 20-27 on names (ln V = 3.3), so a normal start
 # sits far below the bound; --lr 1e6 reaches millions.
 DIVERGENCE_FACTOR = 10.0
-# The persistent stepper runs a call's steps inside C++, where Python signal handlers cannot run: a chunk is cut
-# into calls of about this many multiply-adds (a fraction of a second on a CPU core), so that a second Ctrl-C
-# aborts promptly. Cut calls give the same parameters and losses as one call, bit for bit.
+# The persistent stepper runs a call's steps inside C++ (or one kernel), where Python signal handlers cannot run: a
+# chunk is cut into calls of about this many multiply-adds (steps x B*H*(T*E+V); a fraction of a second on a CPU
+# core), so that a second Ctrl-C aborts promptly. Cut calls give the same parameters and losses as one call, bit for
+# bit (Philox minibatches keyed by step).
 CALL_WORK = 2 ** 28
 
 
@@ -210,9 +211,11 @@ def chunk_stats(chunk: torch.Tensor, lrs: torch.Tensor, start: int, reference_lo
     when the mean exceeds DIVERGENCE_FACTOR x max(ln V, reference_loss) — the loss of the run's first step, this
     chunk's first when None."""
     losses = chunk.float()
-    quantiles = torch.quantile(losses, torch.tensor([0.1, 0.5, 0.9], device=losses.device))
+    # Nearest-rank quantiles from a sort: torch.quantile refuses inputs beyond 16M elements (long chunks).
+    ranks = (torch.tensor([0.1, 0.5, 0.9]) * (len(losses) - 1)).round().long().to(losses.device)
     first, last, mean, n_bad, p10, p50, p90 = torch.cat([
-        torch.stack([losses[0], losses[-1], losses.mean(), (~torch.isfinite(losses)).sum().float()]), quantiles,
+        torch.stack([losses[0], losses[-1], losses.mean(), (~torch.isfinite(losses)).sum().float()]),
+        losses.sort().values[ranks],
     ]).tolist()
     if n_bad:
         i = int((~torch.isfinite(losses)).nonzero()[0])
@@ -228,12 +231,34 @@ def chunk_stats(chunk: torch.Tensor, lrs: torch.Tensor, start: int, reference_lo
     return {"first": first, "loss": last, "loss_mean": mean, "loss_p10": p10, "loss_p50": p50, "loss_p90": p90}
 
 
-def run_chunk(stepper, start: int, lrs: torch.Tensor, steps_per_call: int) -> torch.Tensor:
-    """stepper.run over lrs in calls of at most steps_per_call steps (see CALL_WORK); the losses stay on the
-    device."""
-    if len(lrs) <= steps_per_call:
+def run_chunk(stepper, start: int, lrs: torch.Tensor, per_call: int) -> torch.Tensor:
+    """stepper.run over lrs in calls of at most per_call steps (see CALL_WORK); the losses stay on the
+    device. On CUDA the calls are asynchronous, so the host waits for each call to finish once the next one is
+    queued: the device never idles, and the host is never more than one call ahead of it (a second Ctrl-C then
+    lands within one call, not after the whole queued chunk)."""
+    if len(lrs) <= per_call:
         return stepper.run(start, lrs)
-    return torch.cat([stepper.run(start + i, lrs[i:i + steps_per_call]) for i in range(0, len(lrs), steps_per_call)])
+    pieces, pending = [], None
+    for i in range(0, len(lrs), per_call):
+        pieces.append(stepper.run(start + i, lrs[i:i + per_call]))
+        if pieces[-1].device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            if pending is not None:
+                pending.synchronize()
+            pending = done
+    return torch.cat(pieces)
+
+
+def steps_per_call(impl: str, work: int, graph_steps: int = 100) -> int:  # 100: GraphStepper's steps_per_graph
+    """Steps per stepper call within a chunk: whole chunks for the eager loops (Python runs between their steps);
+    about CALL_WORK multiply-adds for the persistent stepper; for the graph stepper the same, rounded up to whole
+    graphs of graph_steps steps (a graph is captured per distinct call length)."""
+    if impl == "persistent":
+        return max(1, CALL_WORK // work)
+    if impl == "graph":
+        return -(-max(1, CALL_WORK // work) // graph_steps) * graph_steps
+    return sys.maxsize
 
 
 def resume_config(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, object]:
@@ -319,11 +344,11 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
     out = check_out_dir(cfg.out)
     work = cfg.batch_size * cfg.n_hidden * (cfg.block_size * cfg.n_embd + V)  # multiply-adds of a step's forward
     with lock_out_dir(out), intra_op_threads(threads_for(cfg.threads, work)) as threads:
-        return _train(cfg, corpus, device, impl, threads, out, ckpt, progress, max(1, CALL_WORK // work))
+        return _train(cfg, corpus, device, impl, threads, out, ckpt, progress, steps_per_call(impl, work))
 
 
 def _train(cfg: TrainConfig, corpus: Corpus, device: torch.device, impl: str, threads: int, out: Path, ckpt,
-           progress: bool, steps_per_call: int) -> dict:
+           progress: bool, per_call: int) -> dict:
     splits = {name: (X.to(device), Y.to(device)) for name, (X, Y) in corpus.splits.items()}
     # The model's own forward (evaluation, sampling, the eager loop) uses the fused ops wherever they are built,
     # unless the plain-PyTorch reference was asked for.
@@ -366,7 +391,7 @@ def _train(cfg: TrainConfig, corpus: Corpus, device: torch.device, impl: str, th
                     n = min(n, cfg.eval_every - step % cfg.eval_every)
                 lrs = lr_schedule(cfg.lr, cfg.lr_decay_step, cfg.lr_after, step, n)
                 t_chunk = time.perf_counter()
-                chunk = run_chunk(stepper, step, lrs, steps_per_call if impl == "persistent" else n)
+                chunk = run_chunk(stepper, step, lrs, per_call)
                 stats = chunk_stats(chunk, lrs, step, first_loss, len(corpus.vocab))
                 first = stats.pop("first")
                 first_loss = first if first_loss is None else first_loss

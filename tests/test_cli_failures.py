@@ -54,7 +54,8 @@ def run_patched(patch: str, *args: str, module: str = "train") -> subprocess.Com
 
         def full(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    """).format(module=module) + textwrap.dedent(patch) + f"\nrun_main('charmlp_fast.{module}', program.main, sys.argv[1:])\n"
+    """).format(module=module) + textwrap.dedent(patch)
+    script += f"\nrun_main('charmlp_fast.{module}', program.main, sys.argv[1:])\n"
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV,
                           timeout=120)
 

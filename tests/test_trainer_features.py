@@ -164,6 +164,23 @@ def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, words
     assert log[-1]["lr"] == pytest.approx(0.01) and log[0]["lr"] == pytest.approx(0.1)
 
 
+def test_a_chunk_cut_into_calls_equals_one_call(words_file):
+    from charmlp_fast.device_train import PersistentStepper
+    from charmlp_fast.steppers import lr_schedule
+    from charmlp_fast.train import run_chunk, steps_per_call
+
+    corpus = load_corpus(words_file, 3)
+    X, Y = corpus.splits["train"]
+    models = [CharMLP(len(corpus.vocab), n_hidden=16) for _ in range(2)]
+    lrs = lr_schedule(0.1, 30, 0.01, 5, 50)
+    whole = run_chunk(PersistentStepper(models[0], X, Y, 32, 1), 5, lrs, 50)
+    cut = run_chunk(PersistentStepper(models[1], X, Y, 32, 1), 5, lrs, 7)  # the second Ctrl-C is seen between calls
+    assert torch.equal(whole, cut)
+    assert all(torch.equal(p, q) for p, q in zip(models[0].params(), models[1].params()))
+    assert steps_per_call("persistent", 2 ** 20) == 2 ** 8 and steps_per_call("graph", 2 ** 20) == 300
+    assert steps_per_call("reference", 1) >= 10 ** 9  # the eager loops are never cut: Python runs between steps
+
+
 def test_resume_rejects_a_conflicting_flag(tmp_path, words_file):
     train(small_cfg(words_file, tmp_path, steps=100), progress=False)
     ckpt = str(tmp_path / "model.safetensors")

@@ -410,8 +410,8 @@ def _train(cfg: TrainConfig, corpus: Corpus, device: torch.device, impl: str, th
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             wall = time.perf_counter() - t0
+            checkpoint(step)  # before anything else can fail or be interrupted: the training is safe from here on
             if sigint["interrupted"]:
-                checkpoint(step)
                 bar.close()
                 name = signal.Signals(sigint["signal"]).name
                 print(f"interrupted at step {step:,} ({name}): wrote {out / 'model.safetensors'}; continue with "
@@ -420,13 +420,12 @@ def _train(cfg: TrainConfig, corpus: Corpus, device: torch.device, impl: str, th
     finally:
         log.close()
     return _finish(cfg, corpus, device, impl, threads, out, model, splits, log.records, losses, step, first_step,
-                   wall, checkpoint)
+                   wall)
 
 
-def _finish(cfg, corpus, device, impl, threads, out, model, splits, records, losses, step, first_step, wall,
-            checkpoint) -> dict:
-    """The end of a run: final losses, samples, then the checkpoint first (the training is safe once it is on
-    disk), metrics.json and the plots."""
+def _finish(cfg, corpus, device, impl, threads, out, model, splits, records, losses, step, first_step,
+            wall) -> dict:
+    """The end of a run whose checkpoint is written: final losses and samples, metrics.json and the plots."""
     final = {name: evaluate(model, X, Y).item() for name, (X, Y) in splits.items()}
     dev_curve = [{"step": r["step"], "dev_loss": r["dev_loss"]} for r in records if "dev_loss" in r
                  and r["step"] > first_step] + [{"step": step, "dev_loss": final["dev"]}]
@@ -456,7 +455,6 @@ def _finish(cfg, corpus, device, impl, threads, out, model, splits, records, los
         "config": dataclasses.asdict(cfg),
         "samples": samples,
     }
-    checkpoint(step)
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
     written = ["model.safetensors", "metrics.json", "metrics.jsonl"]
     if cfg.plots:

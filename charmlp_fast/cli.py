@@ -31,7 +31,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def quiet_interrupts() -> None:
+def quiet_interrupts(prog: str) -> None:
     """A Ctrl-C before run_main is reached (while torch is imported) ends the program with one line and exit
     status 130, not a traceback. Call it from a program's `if __name__ == "__main__"` guard placed above its heavy
     imports."""
@@ -46,7 +46,7 @@ def quiet_interrupts() -> None:
         if error is None:
             hook(kind, value, tb)
             return
-        print(f"{Path(sys.argv[0]).stem}: interrupted during start-up", file=sys.stderr, flush=True)
+        print(f"{prog}: interrupted during start-up", file=sys.stderr, flush=True)
         os._exit(EXIT_INTERRUPTED)  # the hook cannot set the exit status otherwise; nothing is written yet
 
     sys.excepthook = excepthook

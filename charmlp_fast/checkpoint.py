@@ -27,7 +27,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`. On any failure (a full
+    disk, Ctrl-C) the temporary file is removed and `path` keeps its previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -37,8 +38,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # e.g. a full disk: name the user's file, not the temporary one
+            e.filename = str(path)
         raise
 
 
@@ -98,6 +101,11 @@ def load_checkpoint(path: str | os.PathLike, impl: str = "reference", device: st
         raise CheckpointError(f"{path}: parameter shapes {found} do not match the model sizes {sizes}")
     if len(vocab) != sizes["vocab_size"]:
         raise CheckpointError(f"{path}: vocabulary of {len(vocab)} tokens but vocab_size {sizes['vocab_size']}")
+    bad = {name: int((~torch.isfinite(tensors[name])).sum()) for name in PARAM_NAMES}
+    if any(bad.values()):
+        raise CheckpointError(f"{path} holds non-finite weights ("
+                              + ", ".join(f"{name}: {n:,} of {tensors[name].numel():,}" for name, n in bad.items() if n)
+                              + "): it cannot be sampled from or trained on")
     with torch.no_grad():
         for name, p in zip(PARAM_NAMES, model.params()):
             p.copy_(tensors[name])

@@ -1,10 +1,25 @@
-"""Shared command-line plumbing: an argparse parser whose errors are one line, and a main() wrapper that
-turns expected failures (bad data, bad checkpoint, bad sizes) into one line on stderr and exit status 2."""
+"""Shared command-line plumbing: an argparse parser whose errors are one line, a main() wrapper that turns expected
+failures (bad data, bad checkpoint, bad sizes, a full disk, Ctrl-C) into one line on stderr and a non-zero exit, the
+checks of an output directory, and the thread count of the CPU loops."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, NoReturn
+
+EXIT_ERROR = 2  # a CLIError, DataError or CheckpointError: something the user can fix in the command or its files
+EXIT_OS_ERROR = 1  # the machine refused: a full disk, an unwritable path
+EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C'd program (128 + SIGINT)
+
+# --threads auto: one intra-op thread when a training step does fewer multiply-adds than this. Tiny parallel regions
+# gain nothing from a second thread, and when another process holds the other core they wait for a descheduled
+# thread at every step (25-100x slower loops on a busy 2-core machine).
+ONE_THREAD_WORK = 2 ** 21
 
 
 class CLIError(Exception):
@@ -16,6 +31,27 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def quiet_interrupts(prog: str) -> None:
+    """A Ctrl-C before run_main is reached (while torch is imported) ends the program with one line and exit
+    status 130, not a traceback. Call it from a program's `if __name__ == "__main__"` guard placed above its heavy
+    imports."""
+    hook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        # An extension module interrupted while it loads can surface as an ImportError raised while the
+        # KeyboardInterrupt is handled: look along the chain of exceptions.
+        error = value
+        while error is not None and not isinstance(error, KeyboardInterrupt):
+            error = error.__cause__ or error.__context__
+        if error is None:
+            hook(kind, value, tb)
+            return
+        print(f"{prog}: interrupted during start-up", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)  # the hook cannot set the exit status otherwise; nothing is written yet
+
+    sys.excepthook = excepthook
+
+
 def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
     from charmlp_fast.checkpoint import CheckpointError
     from charmlp_fast.data import DataError
@@ -24,25 +60,35 @@ def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: li
         code = main(argv)
     except (CLIError, DataError, CheckpointError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_ERROR)
+    except OSError as e:  # e.g. the disk filled up while writing an output; what was written before stays valid
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(EXIT_OS_ERROR)
+    except KeyboardInterrupt:  # during start-up, or a second Ctrl-C: the last checkpoint on disk stays intact
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code or 0)
 
 
-def _int_at_least(low: int, what: str):
+def _int_in_range(low: int, what: str, high: int | None = None):
+    """An argparse type: an integer in [low, high)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
-        if value < low:
+        if value < low or (high is not None and value >= high):
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
         return value
 
     return parse
 
 
-positive_int = _int_at_least(1, "positive")
-non_negative_int = _int_at_least(0, "non-negative")
+positive_int = _int_in_range(1, "positive")
+non_negative_int = _int_in_range(0, "non-negative")
+# torch's generators and the int64 seeds of the persistent path take 0 <= seed < 2**63.
+seed_int = _int_in_range(0, "seed (0 <= seed < 2**63)", 2 ** 63)
 
 
 def positive_float(text: str) -> float:
@@ -53,6 +99,74 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def thread_setting(text: str) -> int | str:
+    """--threads: 'auto' or a positive number of intra-op threads."""
+    return text if text == "auto" else _int_in_range(1, "positive")(text)
+
+
+def threads_for(setting: int | str, work_per_step: int) -> int:
+    """The intra-op threads to run with: a number as given; 'auto': one when a step does fewer than ONE_THREAD_WORK
+    multiply-adds (work_per_step = B*H*(T*E + V)), else torch's default."""
+    import torch
+
+    if setting != "auto":
+        return int(setting)
+    return 1 if work_per_step < ONE_THREAD_WORK else torch.get_num_threads()
+
+
+@contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, put back after it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create the output directory and prove it writable (a temporary file), before any work is done: a path that
+    names a file, lies below one or cannot be created or written is a CLIError now, not an OSError after training."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag} {path} is an existing file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise CLIError(f"{flag} {path}: cannot create or write the directory: {e.strerror or e}") from None
+    return path
+
+
+def lock_out_dir(path: Path):
+    """An exclusive lock on path/.lock (fcntl.flock), held while the returned file stays open: a second trainer
+    on the same directory is refused instead of interleaving its metrics with the first's."""
+    import fcntl
+
+    lock = open(path / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise CLIError(f"another trainer is writing to {path} (it holds {path / '.lock'}); "
+                       "wait for it or choose another --out") from None
+    return lock
 
 
 def resolve_device(name: str):

@@ -30,7 +30,8 @@ class DataError(ValueError):
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """A whole UTF-8 text file; one-line DataErrors for a missing, unreadable, non-UTF-8 or blank file."""
+    """A whole UTF-8 text file, a leading byte-order mark dropped; one-line DataErrors for a missing, unreadable,
+    non-UTF-8 or blank file."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -41,7 +42,7 @@ def read_text(path: str | os.PathLike) -> str:
     except OSError as e:
         raise DataError(f"cannot read data file {path}: {e.strerror}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (as some editors write) is not text: never a token
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not valid UTF-8 (byte offset {e.start}): {e.reason}") from None
     if not text.strip():
@@ -198,13 +199,24 @@ def build_dataset(sequences: list, vocab: Vocab, block_size: int) -> tuple[torch
     return X, Y
 
 
+def split_sizes(n: int) -> tuple[int, int, int]:
+    """Sequences in the train / dev / test split of n: the seed's int(0.8 n) and int(0.9 n) cuts."""
+    n1, n2 = int(0.8 * n), int(0.9 * n)
+    return n1, n2 - n1, n - n2
+
+
+# The fewest sequences that give every split at least one. From 10 on, 10 % of n is at least one sequence for dev
+# and test, so only the sizes below 10 need checking.
+MIN_SEQUENCES = next(n for n in range(1, 11) if all(min(split_sizes(m)) >= 1 for m in range(n, 11)))
+
+
 def split_words(words: list[str], seed: int = 42) -> tuple[list[str], list[str], list[str]]:
     """The seed's split: `random.seed(42); random.shuffle(words)`, then 80 % / 10 % / 10 % by words.
     A private Random(seed) draws the same permutation without touching the global RNG."""
     words = list(words)
     random.Random(seed).shuffle(words)
-    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
-    return words[:n1], words[n1:n2], words[n2:]
+    n_train, n_dev, _ = split_sizes(len(words))
+    return words[:n_train], words[n_train:n_train + n_dev], words[n_train + n_dev:]
 
 
 @dataclass
@@ -238,8 +250,10 @@ def load_corpus(path: str | os.PathLike | None, block_size: int, split_seed: int
         vocab = Vocab.from_sentences(sequences, max_vocab)
     else:
         raise DataError(f"tokens must be 'chars' or 'words', got {tokens!r}")
+    if len(sequences) < MIN_SEQUENCES:
+        kind = "words" if tokens == "chars" else "sentences"
+        raise DataError(f"the corpus holds {len(sequences)} {kind}: the 80/10/10 train/dev/test split needs at least "
+                        f"{MIN_SEQUENCES} to give every split one")
     tr, dev, te = split_words(sequences, split_seed)
     splits = {name: build_dataset(seqs, vocab, block_size) for name, seqs in (("train", tr), ("dev", dev), ("test", te))}
-    if splits["train"][0].shape[0] == 0:
-        raise DataError("the training split is empty: the corpus needs more words")
     return Corpus(vocab, sequences, tr, splits)

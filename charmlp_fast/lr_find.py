@@ -14,16 +14,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+from charmlp_fast.cli import (ArgumentParser, check_out_dir, finite_float, intra_op_threads, positive_int,
+                              quiet_interrupts, resolve_device, run_main, seed_int, thread_setting, threads_for)
 
-from charmlp_fast import reference
-from charmlp_fast.cli import ArgumentParser, positive_int, resolve_device, run_main
-from charmlp_fast.data import load_corpus
-from charmlp_fast.model import CharMLP, fastest_impl
-from charmlp_fast.steppers import EagerStepper
+if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
+    quiet_interrupts("charmlp_fast.lr_find")
+
+import torch  # noqa: E402
+
+from charmlp_fast import reference  # noqa: E402
+from charmlp_fast.checkpoint import atomic_write  # noqa: E402
+from charmlp_fast.data import load_corpus  # noqa: E402
+from charmlp_fast.model import CharMLP, fastest_impl  # noqa: E402
+from charmlp_fast.steppers import EagerStepper  # noqa: E402
 
 SUGGESTION_BACKOFF = 2.0  # suggested lr = lr at the smoothed-loss minimum / this
 SMOOTHING = 0.98  # EMA factor for the loss curve
+FLOAT32_EXPONENT = 37  # |log10 lr| within float32's normal range (1.2e-38 .. 3.4e38)
 
 
 def smooth(losses: torch.Tensor, beta: float = SMOOTHING) -> torch.Tensor:
@@ -53,7 +60,7 @@ def lr_sweep(model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, 
 
 
 def plot_sweep(path: str | Path, exponents: torch.Tensor, losses: torch.Tensor, suggested: float) -> None:
-    from charmlp_fast.plots import _pyplot
+    from charmlp_fast.plots import _pyplot, save_png
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -68,8 +75,7 @@ def plot_sweep(path: str | Path, exponents: torch.Tensor, losses: torch.Tensor, 
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,24 +86,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-hidden", type=positive_int, default=200, help="H: hidden units")
     p.add_argument("--batch-size", type=positive_int, default=32, help="B: minibatch size")
     p.add_argument("--steps", type=positive_int, default=1000, help="learning rates in the sweep")
-    p.add_argument("--lo", type=float, default=-3.0, help="log10 of the smallest learning rate")
-    p.add_argument("--hi", type=float, default=0.0, help="log10 of the largest learning rate")
-    p.add_argument("--seed", type=int, default=reference.SEED, help="initialisation and minibatch seed")
+    p.add_argument("--lo", type=finite_float, default=-3.0, help="log10 of the smallest learning rate")
+    p.add_argument("--hi", type=finite_float, default=0.0, help="log10 of the largest learning rate")
+    p.add_argument("--seed", type=seed_int, default=reference.SEED, help="initialisation and minibatch seed")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=thread_setting, default="auto",
+                   help="CPU intra-op threads (default auto: one when a step is tiny, B*H*(T*E+V) below 2**21 "
+                        "multiply-adds, else torch's default)")
     p.add_argument("--out", default="out", help="directory for lr_find.png and lr_find.json")
     args = p.parse_args(argv)
+    if not args.lo < args.hi:
+        p.error(f"--lo {args.lo:g} must be below --hi {args.hi:g}")
+    if not -FLOAT32_EXPONENT <= args.lo < args.hi <= FLOAT32_EXPONENT:
+        p.error(f"--lo and --hi must lie in [-{FLOAT32_EXPONENT}, {FLOAT32_EXPONENT}]: the learning rates are "
+                "float32 numbers")
     device = resolve_device(args.device)
     corpus = load_corpus(args.data, args.block_size)
+    out = check_out_dir(args.out)
+    work = args.batch_size * args.n_hidden * (args.block_size * args.n_embd + len(corpus.vocab))
     X, Y = (t.to(device) for t in corpus.splits["train"])
     model = CharMLP(len(corpus.vocab), args.block_size, args.n_embd, args.n_hidden, seed=args.seed,
                     impl=fastest_impl(device.type)).to(device)
-    exponents, losses = lr_sweep(model, X, Y, args.batch_size, args.seed, args.lo, args.hi, args.steps)
+    with intra_op_threads(threads_for(args.threads, work)) as threads:
+        print(f"device {device}, {threads} thread{'s' if threads > 1 else ''}", flush=True)
+        exponents, losses = lr_sweep(model, X, Y, args.batch_size, args.seed, args.lo, args.hi, args.steps)
     suggested = suggest(exponents, losses)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    sweep = {"exponents": exponents.tolist(), "losses": losses.tolist(), "suggested_lr": suggested,
+             "threads": threads}
+    atomic_write(out / "lr_find.json", lambda tmp: Path(tmp).write_text(json.dumps(sweep) + "\n"))
     plot_sweep(out / "lr_find.png", exponents, losses, suggested)
-    (out / "lr_find.json").write_text(json.dumps(
-        {"exponents": exponents.tolist(), "losses": losses.tolist(), "suggested_lr": suggested}) + "\n")
     print(f"suggested learning rate: {suggested:.3g} (smoothed-loss minimum / {SUGGESTION_BACKOFF:g}); "
           f"wrote {out / 'lr_find.png'} and {out / 'lr_find.json'}")
     return 0

@@ -1,11 +1,17 @@
-"""The seed's pictures, written as PNG files: the loss curve and the learned character embeddings."""
+"""The seed's pictures, written as PNG files: the loss curve and the learned character (or word) embeddings.
+Each is written atomically (see checkpoint.atomic_write): a full disk leaves the previous picture, never half a
+file."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from charmlp_fast.checkpoint import atomic_write
 from charmlp_fast.data import Vocab
+
+SMOOTHING_WINDOW = 1_000  # steps per point of the smoothed training curve (fewer on short runs: see plot_loss_curve)
+WORD_LABELS = 40  # word vocabularies: the most frequent words that get a label; the others are unlabelled dots
 
 
 def _pyplot():
@@ -17,23 +23,60 @@ def _pyplot():
     return plt
 
 
-def plot_loss_curve(path: str | Path, losses: torch.Tensor, first_step: int = 0,
-                    dev_curve: list[dict] | None = None) -> None:
-    """log10 of the per-step training loss, as the seed plots `lossi`, with the dev loss at each evaluation."""
+def save_png(fig, path: str | Path) -> None:
+    """fig as a PNG at path, atomically; the figure is closed either way."""
     plt = _pyplot()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def smoothed(records: list[dict], window: int) -> tuple[list[int], list[float]]:
+    """(window end steps, mean per-step loss in each window of `window` steps) from metrics.jsonl records; a chunk
+    counts, weighted by its steps, in the window its last step falls in."""
+    sums: dict[int, list[float]] = {}
+    for r in records:
+        n = r.get("chunk_steps", 1)
+        acc = sums.setdefault((r["step"] - 1) // window, [0.0, 0])
+        acc[0] += r["loss_mean"] * n
+        acc[1] += n
+    bins = sorted(sums)
+    return [min((b + 1) * window, records[-1]["step"]) for b in bins], [sums[b][0] / sums[b][1] for b in bins]
+
+
+def plot_loss_curve(path: str | Path, records: list[dict], dev_curve: list[dict] | None = None) -> None:
+    """The training loss of a whole run from its metrics.jsonl records (so a resumed run shows its history): the
+    band of the per-step losses within each chunk (10-90 % quantiles), their mean per SMOOTHING_WINDOW steps, and
+    the dev loss at each evaluation; log-scale loss axis, as the seed plots log10 of the loss."""
+    plt = _pyplot()
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    steps = torch.arange(first_step, first_step + losses.numel())
-    ax.plot(steps, losses.float().clamp_min(1e-12).log10(), lw=0.4, alpha=0.6, label="train (per step)")
+    if records:
+        # Each record covers the steps (step - chunk_steps, step]: a step-wise band from the first chunk's start.
+        steps = [records[0]["step"] - records[0].get("chunk_steps", 1)] + [r["step"] for r in records]
+        # Records of older versions carry no quantiles: the band shrinks to the chunk's mean there.
+        low = [r.get("loss_p10", r["loss_mean"]) for r in records]
+        high = [r.get("loss_p90", r["loss_mean"]) for r in records]
+        ax.fill_between(steps, low[:1] + low, high[:1] + high, step="pre", color="C0", alpha=0.25, lw=0,
+                        label="train, 10-90 % of the steps in each chunk")
+        # At least ~20 points on a short run, but never finer than the chunks the records hold.
+        window = max(1, min(SMOOTHING_WINDOW, steps[-1] // 20), max(r.get("chunk_steps", 1) for r in records))
+        ax.plot(*smoothed(records, window), color="C0", lw=1.5, label=f"train, mean per {window:,} steps")
     if dev_curve:
-        ax.plot([d["step"] for d in dev_curve], [torch.tensor(d["dev_loss"]).log10() for d in dev_curve],
-                "o-", color="C3", label="dev (full split)")
+        ax.plot([d["step"] for d in dev_curve], [d["dev_loss"] for d in dev_curve], "o-", color="C3", ms=4,
+                label="dev (full split)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 2, 3, 5 rather than 2 x 10^0
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("step")
-    ax.set_ylabel("log10 loss")
+    ax.set_ylabel("loss (log scale)")
     ax.legend()
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def embedding_2d(C: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -46,18 +89,29 @@ def embedding_2d(C: torch.Tensor) -> tuple[torch.Tensor, str]:
     return centred @ V[:2].T, "principal component"
 
 
-def plot_embedding(path: str | Path, C: torch.Tensor, vocab: Vocab, max_labels: int = 200) -> None:
-    """The seed's scatter of the characters in embedding space (vowels cluster once trained)."""
+def plot_embedding(path: str | Path, C: torch.Tensor, vocab: Vocab, word_labels: int = WORD_LABELS) -> None:
+    """The seed's scatter of the characters in embedding space (vowels cluster once trained). A word vocabulary
+    (most frequent first) labels only its first word_labels tokens and draws the rest as small dots: hundreds of
+    overlapping labels are unreadable."""
     plt = _pyplot()
     points, axis_name = embedding_2d(C)
-    n = min(len(vocab), max_labels)  # word vocabularies: the most frequent tokens only
     fig, ax = plt.subplots(figsize=(8, 8))
-    ax.scatter(points[:n, 0], points[:n, 1], s=200)
-    for i in range(n):
-        ax.text(points[i, 0].item(), points[i, 1].item(), vocab.itos[i], ha="center", va="center", color="white")
+    if vocab.sep and len(vocab) > word_labels:
+        n = word_labels
+        ax.scatter(points[n:, 0], points[n:, 1], s=6, color="0.6", lw=0,
+                   label=f"the other {len(vocab) - n:,} words")
+        ax.scatter(points[:n, 0], points[:n, 1], s=14, color="C0", label=f"the {n} most frequent tokens")
+        for i in range(n):
+            ax.annotate(vocab.itos[i], (points[i, 0].item(), points[i, 1].item()), xytext=(3, 3),
+                        textcoords="offset points", fontsize=8)
+        ax.legend(loc="best")
+    else:
+        ax.scatter(points[:, 0], points[:, 1], s=200)
+        for i in range(len(vocab)):
+            ax.text(points[i, 0].item(), points[i, 1].item(), vocab.itos[i], ha="center", va="center",
+                    color="white")
     ax.set_xlabel(f"{axis_name} 1")
     ax.set_ylabel(f"{axis_name} 2")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)

@@ -4,12 +4,17 @@
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from charmlp_fast.cli import (ArgumentParser, CLIError, positive_float, positive_int, quiet_interrupts, run_main,
+                              seed_int)
 
-from charmlp_fast.cli import ArgumentParser, CLIError, positive_float, positive_int, run_main
-from charmlp_fast.data import Vocab
-from charmlp_fast.model import CharMLP
+if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
+    quiet_interrupts("charmlp_fast.sample")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from charmlp_fast.data import Vocab  # noqa: E402
+from charmlp_fast.model import CharMLP  # noqa: E402
 
 SAMPLE_SEED = 2147483647 + 10  # the seed notebook's sampling generator
 
@@ -19,7 +24,7 @@ def sample_names(model: CharMLP, vocab: Vocab, n: int = 20, seed: int = SAMPLE_S
                  top_k: int | None = None, prefix: str = "", max_len: int = 100) -> list[str]:
     """The seed's sampling loop: the context starts as block_size boundary tokens (then the prefix's tokens),
     each token is drawn from softmax(logits / temperature) — over the top_k most likely ones if given — until
-    the boundary token comes out (or max_len tokens)."""
+    the boundary token comes out (or max_len tokens). As the temperature goes to 0 this is greedy decoding."""
     g = torch.Generator().manual_seed(seed)
     model = model if next(model.parameters()).device.type == "cpu" else _cpu_copy(model)
     start = vocab.encode(vocab.split_text(prefix))
@@ -31,11 +36,13 @@ def sample_names(model: CharMLP, vocab: Vocab, n: int = 20, seed: int = SAMPLE_S
         context = ([0] * model.block_size + out)[-model.block_size:]
         while len(out) < max_len:
             logits, _ = model(torch.tensor([context]))
-            logits = logits / temperature
             if top_k is not None and top_k < logits.shape[1]:
                 kth = logits.topk(top_k, dim=1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=1)
+            # Shifted so that the largest logit is 0 before the division: at a temperature so low that
+            # logits / temperature overflows, the others become -inf and the probabilities the greedy limit
+            # (one-hot at the argmax, ties shared) instead of inf - inf = nan.
+            probs = F.softmax((logits - logits.max(dim=1, keepdim=True).values) / temperature, dim=1)
             ix = torch.multinomial(probs, num_samples=1, generator=g).item()
             context = context[1:] + [ix]
             if ix == 0:
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m charmlp_fast.sample", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model.safetensors written by charmlp_fast.train")
     p.add_argument("-n", "--num-samples", type=positive_int, default=20, help="how many samples to draw")
-    p.add_argument("--seed", type=int, default=SAMPLE_SEED, help="sampling generator seed (the seed's + 10)")
+    p.add_argument("--seed", type=seed_int, default=SAMPLE_SEED, help="sampling generator seed (the seed's + 10)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature (<1 sharper)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--prefix", default="", help="start every sample with these letters (or words)")

@@ -124,3 +124,19 @@ def test_default_corpus():
     assert len(set(words)) == len(words)
     assert all(w.isascii() and w.isalpha() and w.islower() for w in words)
     assert {"emma", "olivia", "liam"} <= set(words[:50])
+
+
+def test_byte_order_mark_is_dropped(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfanna\nbob\n")
+    assert read_words(path) == ["anna", "bob"]
+
+
+def test_corpus_too_small_for_the_split(tmp_path):
+    path = tmp_path / "few.txt"
+    path.write_text("anna\nbob\ncy\ndora\neve\n")
+    with pytest.raises(DataError, match="holds 5 words: the 80/10/10 train/dev/test split needs at least 6"):
+        load_corpus(path, 3)
+    path.write_text("anna\nbob\ncy\ndora\neve\nfay\n")
+    corpus = load_corpus(path, 3)
+    assert all(X.shape[0] > 0 for X, _ in corpus.splits.values())

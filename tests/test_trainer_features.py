@@ -100,6 +100,35 @@ def test_plots_are_written(tmp_path, words_file):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_word_embedding_labels_only_the_most_frequent(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from charmlp_fast.plots import WORD_LABELS, plot_embedding
+
+    labels = []
+    real = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", lambda self, text, *a, **kw: labels.append(text)
+                        or real(self, text, *a, **kw))
+    vocab = Vocab.from_sentences([[f"w{i}" for i in range(200)]])
+    plot_embedding(tmp_path / "embedding.png", torch.randn(len(vocab), 5), vocab)
+    assert labels == list(vocab.itos[:WORD_LABELS])  # <s>, <unk>, then the most frequent words
+    assert (tmp_path / "embedding.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_plot_after_resume_draws_the_whole_history(tmp_path, words_file, monkeypatch):
+    from charmlp_fast import plots
+
+    train(small_cfg(words_file, tmp_path, steps=200), progress=False)
+    seen = []
+    monkeypatch.setattr(plots, "plot_loss_curve", lambda path, records, dev: seen.append((records, dev)))
+    resumed, given = parse_args(["--resume", str(tmp_path / "model.safetensors"), "--steps", "300"])
+    train(resumed, progress=False, given={**given, "plots": True})
+    records, dev = seen[0]
+    assert [r["step"] for r in records] == list(range(50, 301, 50))
+    assert all(r["loss_p10"] <= r["loss_p50"] <= r["loss_p90"] and r["chunk_steps"] == 50 for r in records)
+    assert dev[-1]["step"] == 300
+
+
 def test_embedding_projection():
     C = torch.randn(20, 2)
     assert torch.equal(embedding_2d(C)[0], C)  # E == 2: the embedding itself, as in the seed
@@ -133,6 +162,23 @@ def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, words
     assert all(set(r) >= {"step", "loss", "loss_mean", "lr", "steps_per_s"} for r in log)
     assert [r["step"] for r in log if "dev_loss" in r] == [100, 200, 300]
     assert log[-1]["lr"] == pytest.approx(0.01) and log[0]["lr"] == pytest.approx(0.1)
+
+
+def test_a_chunk_cut_into_calls_equals_one_call(words_file):
+    from charmlp_fast.device_train import PersistentStepper
+    from charmlp_fast.steppers import lr_schedule
+    from charmlp_fast.train import run_chunk, steps_per_call
+
+    corpus = load_corpus(words_file, 3)
+    X, Y = corpus.splits["train"]
+    models = [CharMLP(len(corpus.vocab), n_hidden=16) for _ in range(2)]
+    lrs = lr_schedule(0.1, 30, 0.01, 5, 50)
+    whole = run_chunk(PersistentStepper(models[0], X, Y, 32, 1), 5, lrs, 50)
+    cut = run_chunk(PersistentStepper(models[1], X, Y, 32, 1), 5, lrs, 7)  # the second Ctrl-C is seen between calls
+    assert torch.equal(whole, cut)
+    assert all(torch.equal(p, q) for p, q in zip(models[0].params(), models[1].params()))
+    assert steps_per_call("persistent", 2 ** 20) == 2 ** 8 and steps_per_call("graph", 2 ** 20) == 300
+    assert steps_per_call("reference", 1) >= 10 ** 9  # the eager loops are never cut: Python runs between steps
 
 
 def test_resume_rejects_a_conflicting_flag(tmp_path, words_file):

@@ -55,15 +55,19 @@ def raises(message: str):
     return pytest.raises(RuntimeError, match="^" + re.escape(message))
 
 
-def _seed(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(abs(hash(("autograd_limits",) + key)) % (2**31))
+def _seed(*parts) -> torch.Generator:
+    """A generator seeded from the test's parameters, the same in every process (unlike hash() of a str)."""
+    seed = 0
+    for p in parts:
+        seed = (seed * 1000003 + (p if isinstance(p, int) else sum(map(ord, str(p))))) % 2**31
+    return torch.Generator().manual_seed(seed)
 
 
-def case(op: str, reduction: str, dtype: torch.dtype, device: str, B: int = 6, g: torch.Generator | None = None):
+def case(op: str, reduction: str, dtype: torch.dtype, device: str, B: int = 6):
     """(fn(*params) -> scalar loss through the charmlp op, the same in plain PyTorch, params) with params fresh
     leaves that require grad. The loss is a weighted sum of the op's output, so that reduction="none" has a
     non-uniform incoming gradient; targets include an ignored row."""
-    g = g or _seed(op, reduction, str(dtype))
+    g = _seed(op, reduction, str(dtype), B)
     V, H, T, E = 7, 5, 3, 4
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)  # noqa: E731
     t = torch.randint(0, V, (B,), generator=g).to(device)
@@ -128,6 +132,34 @@ def test_hessian_of_cross_entropy_matches_torch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_int32_targets_and_ignore_index_inside_the_vocabulary(reduction, device):
+    g = _seed("int32", reduction)
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.tensor([0, 3, 1, 3, 4, 2, 3, 0], dtype=torch.int32, device=device)
+    u = torch.randn(8 if reduction == "none" else (), generator=g, dtype=torch.float64).to(device)
+    fn = lambda x: (ops.cross_entropy(x, t, reduction, ignore_index=3) * u).sum()  # noqa: E731
+    ref = lambda x: (F.cross_entropy(x, t.long(), reduction=reduction, ignore_index=3) * u).sum()  # noqa: E731
+    ours = second_order(fn, [x], _seed("v int32", reduction))
+    theirs = second_order(ref, [x.detach().clone().requires_grad_()], _seed("v int32", reduction))
+    for a, e in zip((*ours[0], *ours[1]), (*theirs[0], *theirs[1]), strict=True):
+        assert_close(a, e, rtol=1e-10, atol=1e-12, name="int32 / ignore_index=3")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_int32_idx(device):
+    _, _, params = case("embed_linear_tanh", "none", torch.float64, device)
+    g = _seed("int32 idx")
+    idx = torch.randint(0, 7, (6, 3), generator=g, dtype=torch.int32).to(device)
+    fn = lambda C, W1, b1: ops.embed_linear_tanh(idx, C, W1, b1).pow(2).sum()  # noqa: E731
+    ref = lambda C, W1, b1: torch.tanh(C[idx.long()].flatten(1) @ W1 + b1).pow(2).sum()  # noqa: E731
+    ours = second_order(fn, params, _seed("v int32"))
+    theirs = second_order(ref, [p.detach().clone().requires_grad_() for p in params], _seed("v int32"))
+    for a, e in zip((*ours[0], *ours[1]), (*theirs[0], *theirs[1]), strict=True):
+        assert_close(a, e, rtol=1e-10, atol=1e-12, name="int32 idx")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_double_backward_of_all_ignored_mean_is_zero_like_torch(device):
     x = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
     t = torch.full((4,), -100, device=device)
@@ -157,7 +189,7 @@ def test_linear_cross_entropy_double_backward_raises(B, H, V, reduction, dtype, 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_linear_cross_entropy_suggested_replacement_has_double_backward(reduction, device):
     """What the error suggests, ops.cross_entropy on torch.addmm(b2, h, W2), gives torch's Hessian-vector products."""
-    _, ref, params = case("linear_cross_entropy", reduction, torch.float64, device)
+    _, _, params = case("linear_cross_entropy", reduction, torch.float64, device)
     g = _seed("lce replacement", reduction)
     t = torch.randint(0, 7, (6,), generator=g).to(device)
     u = torch.randn(6 if reduction == "none" else (), generator=g, dtype=torch.float64).to(device)

@@ -145,7 +145,8 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
       return {cross_entropy_backward_differentiable(grad_outputs[0], saved[0], saved[1], reduction, ignore_index),
               none, none, none};
     }
-    // Through the dispatcher, so that torch.compile traces the backward op (with its fake) like any other.
+    // Through the dispatcher, so that torch.compile traces the backward op (with its fake) like any other. Grad
+    // mode is off here: below autograd, past the internal op's Autograd kernel that would only re-check it.
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor grad_logits = backward_op().call(grad_outputs[0], saved[0], saved[1], saved[2], reduction, ignore_index);
     return {grad_logits, none, none, none};

@@ -621,11 +621,8 @@ constexpr AutogradLimits kLimits{"charmlp::embed_linear_tanh",
 // The plain reference above from differentiable ATen ops, for a backward with create_graph=True: the fused
 // backward op has no derivative. h is the saved output, so its own derivative runs through this op's node again
 // (first order there, the fast path). Never on the first-order path.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_differentiable(const at::Tensor& grad_h,
-                                                                                         const at::Tensor& h,
-                                                                                         const at::Tensor& idx,
-                                                                                         const at::Tensor& C,
-                                                                                         const at::Tensor& W1) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_differentiable(
+    const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& idx, const at::Tensor& C, const at::Tensor& W1) {
   const int64_t B = idx.size(0), T = idx.size(1), E = C.size(1);
   const at::Tensor flat_idx = idx.reshape({B * T});
   const at::Tensor emb = C.index_select(0, flat_idx).view({B, T * E});  // (B, K)
@@ -654,6 +651,7 @@ class EmbedLinearTanhFunction : public torch::autograd::Function<EmbedLinearTanh
           embed_linear_tanh_backward_differentiable(grad_outputs[0], saved[0], saved[1], saved[2], saved[3]);
       return {at::Tensor(), grad_C, grad_W1, grad_b1};
     }
+    // Grad mode is off here: below autograd, past the internal op's Autograd kernel that would only re-check it.
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_C, grad_W1, grad_b1] = backward_op().call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3]);
     return {at::Tensor(), grad_C, grad_W1, grad_b1};  // idx has no gradient

@@ -289,6 +289,7 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     const at::Tensor none;
     // Else kPrecomputed would return gradients that miss the loss's Hessian term, the others no gradient at all.
     check_no_double_backward(kLimits);
+    // Grad mode is off from here on: below autograd, past the internal ops' Autograd kernel that would re-check it.
     at::AutoDispatchBelowADInplaceOrView guard;
     if (route == kPrecomputed) {  // g is a scalar
       auto scaled = [&](int idx) { return ctx->needs_input_grad(idx) ? saved[idx] * g : at::Tensor(); };

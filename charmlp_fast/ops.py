@@ -3,7 +3,8 @@
 The kernels (CPU and CUDA) and their autograd are registered in C++ (csrc/): autograd registered from
 Python costs ~3x more per call than from C++, which is the whole budget at the seed's size. This module
 only loads the extension, maps Python-friendly arguments onto the schemas, and registers `register_fake`
-for every op so that torch.compile(fullgraph=True) can trace them.
+for every op so that torch.compile(fullgraph=True) can trace them. What the autograd supports beyond the first-order
+backward, and what it refuses with an error naming the op: README.md, "Autograd of the ops".
 
 Dimension names: B batch, T context, E embedding, H hidden, V vocabulary.
 """

@@ -6,9 +6,12 @@
 // know whether a backward will follow, nor (without a host sync) the incoming gradient.
 //
 // This file: the CPU kernels, the autograd kernel of the public op (a C++ torch::autograd::Function, ~3x cheaper
-// per call than one registered from Python), a CompositeExplicitAutograd kernel for calls below autograd
-// (inference_mode / no_grad), and their registration. The CUDA kernels are in cross_entropy_cuda.cu.
+// per call than one registered from Python; double backward through ATen ops, no forward-mode AD), a
+// CompositeExplicitAutograd kernel for calls below autograd (inference_mode / no_grad), and their registration.
+// The CUDA kernels are in cross_entropy_cuda.cu.
 #include "cross_entropy.h"
+
+#include "autograd_limits.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -103,6 +106,23 @@ const c10::TypedOperatorHandle<BackwardFn>& backward_op() {
   return op;
 }
 
+constexpr AutogradLimits kLimits{"charmlp::cross_entropy",
+                                 "torch.nn.functional.cross_entropy (or CharMLP(impl=\"reference\"))"};
+
+// grad_logits = g_i * w_i * (softmax(logits) - onehot(targets)) from differentiable ATen ops, for a backward with
+// create_graph=True: the fused backward op has no derivative. w_i = 0 for ignored rows, else 1 (sum) or 1 / the
+// number of counted rows (mean). Never on the first-order path.
+at::Tensor cross_entropy_backward_differentiable(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                 const at::Tensor& targets, int64_t reduction, int64_t ignore_index) {
+  const at::Tensor counted = targets.ne(ignore_index);  // (B,)
+  const at::Tensor onehot =
+      at::zeros_like(logits).scatter_(1, targets.masked_fill(~counted, 0).to(at::kLong).unsqueeze(1), 1.0);
+  at::Tensor w = counted.to(logits.scalar_type());
+  // clamp: with no counted row every w_i is 0 anyway (the loss is nan, its gradient 0, as in torch)
+  if (reduction == kMean) w = w / counted.sum().clamp_min(1);
+  return (at::softmax(logits, 1) - onehot) * (grad_loss * w).unsqueeze(1);
+}
+
 class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
@@ -118,20 +138,29 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    // Through the dispatcher, so that torch.compile traces the backward op (with its fake) like any other.
-    at::Tensor grad_logits =
-        backward_op().call(grad_outputs[0], saved[0], saved[1], saved[2], ctx->saved_data["reduction"].toInt(),
-                           ctx->saved_data["ignore_index"].toInt());
-    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor()};
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const at::Tensor none;
+    if (differentiable_backward_wanted()) {
+      return {cross_entropy_backward_differentiable(grad_outputs[0], saved[0], saved[1], reduction, ignore_index),
+              none, none, none};
+    }
+    // Through the dispatcher, so that torch.compile traces the backward op (with its fake) like any other. Grad
+    // mode is off here: below autograd, past the internal op's Autograd kernel that would only re-check it.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor grad_logits = backward_op().call(grad_outputs[0], saved[0], saved[1], saved[2], reduction, ignore_index);
+    return {grad_logits, none, none, none};
   }
 };
 
 at::Tensor cross_entropy_autograd(const at::Tensor& logits, const at::Tensor& targets, int64_t reduction,
                                   int64_t ignore_index) {
+  check_no_forward_ad(kLimits, {logits});
   if (!(at::GradMode::is_enabled() && logits.requires_grad())) {  // nothing to record: skip the graph node
     at::AutoDispatchBelowADInplaceOrView guard;
     return std::get<0>(forward_op().call(logits, targets, reduction, ignore_index));
   }
+  check_no_functorch_transform(kLimits);
   return CrossEntropyFunction::apply(logits, targets, reduction, ignore_index);
 }
 
@@ -151,6 +180,8 @@ TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
 
 TORCH_LIBRARY_IMPL(charmlp, Autograd, m) {
   m.impl("cross_entropy", &charmlp::cross_entropy_autograd);
+  m.impl("cross_entropy_forward", torch::CppFunction::makeFromBoxedFunction<&charmlp::internal_op_autograd>());
+  m.impl("cross_entropy_backward", torch::CppFunction::makeFromBoxedFunction<&charmlp::internal_op_autograd>());
 }
 
 TORCH_LIBRARY_IMPL(charmlp, CompositeExplicitAutograd, m) {

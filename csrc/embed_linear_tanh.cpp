@@ -18,6 +18,9 @@
 // PyTorch's MKL/Sleef kernels at big batch.
 #include "embed_linear_tanh.h"
 
+#include "autograd_limits.h"
+
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -591,8 +594,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cpu(co
 
 // ---- autograd (every backend) -----------------------------------------------------------------------------
 // Registered in C++ rather than from Python: at the seed's size one autograd.grad through a Python-registered
-// autograd formula costs ~3x more host time than this. The backward calls the registered backward op
-// through the dispatcher, so torch.compile/AOTAutograd trace it with the fake kernel from ops.py.
+// autograd formula costs ~3x more host time than this. The backward calls the registered backward op through the
+// dispatcher, so torch.compile/AOTAutograd trace it with the fake kernel from ops.py. Double backward runs through
+// ATen ops; forward-mode AD and torch.func's differentiating transforms are errors (autograd_limits.h).
 using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                    const at::Tensor&, const at::Tensor&,
@@ -611,6 +615,23 @@ const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
   return op;
 }
 
+constexpr AutogradLimits kLimits{"charmlp::embed_linear_tanh",
+                                 "torch.tanh(C[idx].flatten(1) @ W1 + b1) (or CharMLP(impl=\"reference\"))"};
+
+// The plain reference above from differentiable ATen ops, for a backward with create_graph=True: the fused
+// backward op has no derivative. h is the saved output, so its own derivative runs through this op's node again
+// (first order there, the fast path). Never on the first-order path.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_differentiable(
+    const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& idx, const at::Tensor& C, const at::Tensor& W1) {
+  const int64_t B = idx.size(0), T = idx.size(1), E = C.size(1);
+  const at::Tensor flat_idx = idx.reshape({B * T});
+  const at::Tensor emb = C.index_select(0, flat_idx).view({B, T * E});  // (B, K)
+  const at::Tensor grad_pre = grad_h * (1 - h * h);                     // (B, H)
+  at::Tensor grad_C = at::zeros_like(C, at::MemoryFormat::Contiguous)
+                          .index_add(0, flat_idx, at::mm(grad_pre, W1.t()).view({B * T, E}));
+  return {grad_C, at::mm(emb.t(), grad_pre), grad_pre.sum(0)};
+}
+
 class EmbedLinearTanhFunction : public torch::autograd::Function<EmbedLinearTanhFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& idx, const at::Tensor& C,
@@ -625,6 +646,13 @@ class EmbedLinearTanhFunction : public torch::autograd::Function<EmbedLinearTanh
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
+    if (differentiable_backward_wanted()) {
+      auto [grad_C, grad_W1, grad_b1] =
+          embed_linear_tanh_backward_differentiable(grad_outputs[0], saved[0], saved[1], saved[2], saved[3]);
+      return {at::Tensor(), grad_C, grad_W1, grad_b1};
+    }
+    // Grad mode is off here: below autograd, past the internal op's Autograd kernel that would only re-check it.
+    at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_C, grad_W1, grad_b1] = backward_op().call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3]);
     return {at::Tensor(), grad_C, grad_W1, grad_b1};  // idx has no gradient
   }
@@ -632,6 +660,14 @@ class EmbedLinearTanhFunction : public torch::autograd::Function<EmbedLinearTanh
 
 at::Tensor embed_linear_tanh_autograd(const at::Tensor& idx, const at::Tensor& C, const at::Tensor& W1,
                                       const at::Tensor& b1) {
+  check_no_forward_ad(kLimits, {C, W1, b1});
+  const bool needs_grad =
+      at::GradMode::is_enabled() && (C.requires_grad() || W1.requires_grad() || b1.requires_grad());
+  if (!needs_grad) {  // nothing to record: skip the graph node
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(idx, C, W1, b1);
+  }
+  check_no_functorch_transform(kLimits);
   return EmbedLinearTanhFunction::apply(idx, C, W1, b1);
 }
 
@@ -644,6 +680,7 @@ TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
 
 TORCH_LIBRARY_IMPL(charmlp, Autograd, m) {
   m.impl("embed_linear_tanh", &embed_linear_tanh_autograd);
+  m.impl("embed_linear_tanh_backward", torch::CppFunction::makeFromBoxedFunction<&internal_op_autograd>());
 }
 
 }  // namespace charmlp

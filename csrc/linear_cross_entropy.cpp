@@ -14,9 +14,11 @@
 // cross_entropy's own ops applied to them.
 //
 // This file: the CPU kernels (GEMMs through at::mm_out, i.e. MKL, plus the shared row kernels of
-// cross_entropy.h), the autograd kernel, the CompositeExplicitAutograd kernel and their registration. The CUDA
-// kernels are in linear_cross_entropy_cuda.cu.
+// cross_entropy.h), the autograd kernel (first order only: no double backward, no forward-mode AD), the
+// CompositeExplicitAutograd kernel and their registration. The CUDA kernels are in linear_cross_entropy_cuda.cu.
 #include "cross_entropy.h"
+
+#include "autograd_limits.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -244,6 +246,13 @@ Route choose_route(const at::Tensor& h, const at::Tensor& W2, int64_t reduction)
   return reduction == kNone ? kRecompute : kPrecomputed;
 }
 
+// Double backward would need h, W2 and b2 in every route (kPrecomputed saves only the gradients), so it is an error,
+// which points at the unfused pair whose cross_entropy does support it.
+constexpr AutogradLimits kLimits{
+    "charmlp::linear_cross_entropy",
+    "charmlp_fast.ops.cross_entropy or torch.nn.functional.cross_entropy on torch.addmm(b2, h, W2) "
+    "(or CharMLP(impl=\"reference\"))"};
+
 class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
  public:
   // Only called when autograd records the call (see linear_cross_entropy_autograd).
@@ -278,6 +287,10 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     const int64_t route = ctx->saved_data["route"].toInt();
     const at::Tensor& g = grad_outputs[0];
     const at::Tensor none;
+    // Else kPrecomputed would return gradients that miss the loss's Hessian term, the others no gradient at all.
+    check_no_double_backward(kLimits);
+    // Grad mode is off from here on: below autograd, past the internal ops' Autograd kernel that would re-check it.
+    at::AutoDispatchBelowADInplaceOrView guard;
     if (route == kPrecomputed) {  // g is a scalar
       auto scaled = [&](int idx) { return ctx->needs_input_grad(idx) ? saved[idx] * g : at::Tensor(); };
       return {scaled(0), scaled(1), scaled(2), none, none, none, none};
@@ -297,12 +310,14 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
 
 at::Tensor linear_cross_entropy_autograd(const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b2,
                                          const at::Tensor& targets, int64_t reduction, int64_t ignore_index) {
+  check_no_forward_ad(kLimits, {h, W2, b2});
   const bool needs_grad =
       at::GradMode::is_enabled() && (h.requires_grad() || W2.requires_grad() || b2.requires_grad());
   if (!needs_grad) {  // nothing to record: skip the graph node
     at::AutoDispatchBelowADInplaceOrView guard;
     return std::get<0>(forward_op().call(h, W2, b2, targets, reduction, ignore_index, /*compute_grad=*/false));
   }
+  check_no_functorch_transform(kLimits);
   // The route reads the shapes, so the arguments are checked here first (with the forward op's messages).
   check_linear_cross_entropy_args(h, W2, b2, targets, reduction, /*allow_half=*/!h.is_cpu());
   return LinearCrossEntropyFunction::apply(h, W2, b2, targets, reduction, ignore_index,
@@ -324,6 +339,10 @@ TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
 
 TORCH_LIBRARY_IMPL(charmlp, Autograd, m) {
   m.impl("linear_cross_entropy", &charmlp::linear_cross_entropy_autograd);
+  m.impl("linear_cross_entropy_forward",
+         torch::CppFunction::makeFromBoxedFunction<&charmlp::internal_op_autograd>());
+  m.impl("linear_cross_entropy_backward",
+         torch::CppFunction::makeFromBoxedFunction<&charmlp::internal_op_autograd>());
 }
 
 TORCH_LIBRARY_IMPL(charmlp, CompositeExplicitAutograd, m) {

@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import machine  # noqa: E402
 from charmlp_fast import ops, reference  # noqa: E402
+from charmlp_fast.cli import thread_setting, threads_for  # noqa: E402
 
 # Dimension names: B batch, T context, E embedding, H hidden, V vocabulary.
 SIZES = {
@@ -292,12 +293,10 @@ def verify(case: Case) -> dict:
 
 # ---- reporting -----------------------------------------------------------------------------------------------
 def device_peaks(device: str) -> tuple[str, float | None, float | None]:
-    """Device name and its (bandwidth, FP32 rate) peaks. On a CPU: the cores' peak FP32 rate at torch's thread
-    count, and the bandwidth of a large copy measured now (benchmarks/machine.py)."""
+    """Device name and its (bandwidth, FP32 rate) peaks. On a CPU: the peak FP32 rate of one core (a row's floor
+    multiplies it by the row's threads) and the bandwidth of a large copy measured now (benchmarks/machine.py)."""
     if device != "cuda":
-        threads = torch.get_num_threads()
-        return (f"{machine.cpu_name()}, {threads} threads", machine.measured_bandwidth(),
-                machine.peak_fp32_flops(threads))
+        return machine.cpu_name(), machine.measured_bandwidth(), machine.peak_fp32_flops(1)
     name = torch.cuda.get_device_name()
     for key, bw, flops in GPU_PEAKS:
         if key in name:
@@ -308,9 +307,12 @@ def device_peaks(device: str) -> tuple[str, float | None, float | None]:
 def peaks_line(device: str, bw: float | None, flops_rate: float | None) -> str:
     if bw is None or flops_rate is None:
         return "No floors: unknown device."
-    source = "a copy measured at the start of this run" if device != "cuda" else "the datasheet"
-    return (f"Peaks used for the floors: {bw / 1e9:,.0f} GB/s ({source}), {flops_rate / 1e9:,.0f} GFLOP/s FP32 "
-            f"({'all threads, FMA units x vector lanes x clock' if device != 'cuda' else 'the datasheet'}).")
+    if device != "cuda":
+        return (f"Peaks used for the floors: {bw / 1e9:,.0f} GB/s (a copy measured at the start of this run), "
+                f"{flops_rate / 1e9:,.0f} GFLOP/s FP32 per thread (FMA units x vector lanes x clock) x the row's "
+                "threads.")
+    return (f"Peaks used for the floors: {bw / 1e9:,.0f} GB/s, {flops_rate / 1e9:,.0f} GFLOP/s FP32 "
+            "(the datasheet).")
 
 
 def floor_and_rate(work: tuple[int, int] | None, us: float, bw: float | None, flops_rate: float | None):
@@ -335,13 +337,13 @@ def markdown_table(rows: list[dict]) -> str:
         for name in r["impls"]:
             if name not in impl_names:
                 impl_names.append(name)
-    head = (["op", "size", "pass"] + [f"{n} µs" for n in impl_names]
+    head = (["op", "size", "pass", "threads"] + [f"{n} µs" for n in impl_names]
             + ["fused vs eager", "fused vs compile", "fused achieved", "floor µs", "peak MiB (" + "/".join(impl_names) + ")"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t = {n: r["impls"].get(n, {}).get("us") for n in impl_names}
         fused, eager, comp = t.get("fused"), t.get("eager"), t.get("compile")
-        cells = [r["op"], r["size"], r["pass"]] + [fmt_us(t[n]) for n in impl_names]
+        cells = [r["op"], r["size"], r["pass"], str(r.get("threads", "-"))] + [fmt_us(t[n]) for n in impl_names]
         cells.append(f"{eager / fused:.2f}x" if fused and eager else "-")
         cells.append(f"{comp / fused:.2f}x" if fused and comp else "-")
         cells.append(r.get("fused_rate", "-"))
@@ -362,7 +364,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--budget", type=float, default=3.0, help="seconds at most per measurement (>= 5 repeats)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's")
+    p.add_argument("--threads", type=thread_setting, default="auto",
+                   help="CPU intra-op threads: a number, or auto (default): per size, one when a training step of "
+                        "that size is tiny, else torch's default (charmlp_fast.cli.threads_for)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     args.ops = [o for o in args.ops.split(",") if o]
@@ -383,8 +387,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     dev_name, bw, flops_rate = device_peaks(device)
     meta = {
@@ -394,7 +397,7 @@ def main(argv=None) -> int:
         "peak_fp32_flops": flops_rate,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_threads": args.threads,  # "auto": per size, in each result row
         # Other work on the machine skews CPU timings, multi-threaded eager ops most.
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -423,6 +426,10 @@ def main(argv=None) -> int:
                 note = f"{op}/{size}: B shrunk to {dims['B']} on the CPU (the issue's B = {SIZES[size]['B']})"
                 print(note)
                 notes.append(note)
+            threads = threads_for(args.threads, dims["B"] * dims["H"] * (dims["T"] * dims["E"] + dims["V"]),
+                                  default_threads)
+            torch.set_num_threads(threads)
+            size_flops = flops_rate * threads if device != "cuda" and flops_rate else flops_rate
             case = CASE_BUILDERS[op](size, dims, device, not args.no_compile)
             errors = verify(case)
             tol = 1e-4
@@ -440,7 +447,7 @@ def main(argv=None) -> int:
             if "fused" not in case.impls:
                 continue
             for pass_name in PASSES:
-                row = {"op": op, "size": size, "dims": dims, "pass": pass_name, "impls": {},
+                row = {"op": op, "size": size, "dims": dims, "pass": pass_name, "impls": {}, "threads": threads,
                        "max_rel_error_vs_eager": errors}
                 for name in case.impls:
                     if pass_name == "infer":
@@ -458,11 +465,11 @@ def main(argv=None) -> int:
                     row["impls"][name] = res
                 fused_us = row["impls"]["fused"]["us"]
                 work = case.work.get("fwd" if pass_name == "infer" else pass_name)
-                floor, rate = floor_and_rate(work, fused_us, bw, flops_rate)
+                floor, rate = floor_and_rate(work, fused_us, bw, size_flops)
                 row["floor_us"], row["fused_rate"] = floor, rate
                 rows.append(row)
                 summary = ", ".join(f"{n} {r['us']:.1f} us" for n, r in row["impls"].items())
-                print(f"  {op:5s} {size:5s} {pass_name:7s}: {summary}", flush=True)
+                print(f"  {op:5s} {size:5s} {pass_name:7s} ({threads} thr): {summary}", flush=True)
             del case
 
     table = markdown_table(rows) if rows else "(nothing measured)"
@@ -475,7 +482,7 @@ def main(argv=None) -> int:
     stem = out / f"bench_ops_{tag}_{stamp}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "notes": notes, "results": rows}, indent=1))
     md = [f"# bench_ops: {dev_name} ({device})", "",
-          f"torch {meta['torch']} (CUDA {meta['cuda']}), {meta['date']}, {meta['cpu_threads']} CPU threads, "
+          f"torch {meta['torch']} (CUDA {meta['cuda']}), {meta['date']}, CPU threads {meta['cpu_threads']}, "
           f"load average {meta['load_average']}", "",
           f"`{meta['command']}`", "",
           "Median µs over up to %d repeats after %d warm-up calls; speed-ups are eager / fused and compile / fused; "

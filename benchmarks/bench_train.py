@@ -17,7 +17,7 @@ those after that many steps, both labelled in the table.
 
 Writes bench_train_<device>_<date>.{json,md} into --out with the device name, torch version, date and command.
 
-    python benchmarks/bench_train.py --device cpu --threads 1
+    python benchmarks/bench_train.py --device cpu
     python benchmarks/bench_train.py --device cuda --impls eager,graph_pytorch,compile,graph,persistent,persistent@1
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import machine  # noqa: E402
 from charmlp_fast import ops, reference  # noqa: E402
+from charmlp_fast.cli import thread_setting, threads_for  # noqa: E402
 from charmlp_fast.data import load_corpus  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.steppers import EagerStepper, lr_schedule  # noqa: E402
@@ -262,14 +263,17 @@ def main(argv=None) -> int:
                     help="time eager/compile/graph_pytorch on this many steps only and extrapolate µs/step")
     ap.add_argument("--impls", default=",".join(ALL_IMPLS), help="comma-separated, see the module docstring")
     ap.add_argument("--chunk", type=int, default=10_000, help="steps per stepper.run call (trainer chunks)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    ap.add_argument("--threads", type=thread_setting, default="auto",
+                    help="CPU intra-op threads: a number, or auto (default; one at the seed's size, as the trainer "
+                         "picks: charmlp_fast.cli.threads_for)")
     ap.add_argument("--data", default=os.environ.get("CHARMLP_NAMES_TXT", str(ROOT.parent / "shared" / "data" / "names.txt")))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        torch.set_num_threads(threads_for(args.threads, B_SEED * H_SEED * (T_SEED * E_SEED + V_SEED)))
+        print(f"{torch.get_num_threads()} intra-op thread(s)", flush=True)
     corpus = load_corpus(args.data, block_size=T_SEED)
     V = len(corpus.vocab)
     assert V == V_SEED, f"the seed's recipe expects a vocabulary of {V_SEED}, got {V}"

@@ -116,14 +116,16 @@ def thread_setting(text: str) -> int | str:
     return text if text == "auto" else _int_in_range(1, "positive")(text)
 
 
-def threads_for(setting: int | str, work_per_step: int) -> int:
+def threads_for(setting: int | str, work_per_step: int, default: int | None = None) -> int:
     """The intra-op threads to run with: a number as given; 'auto': one when a step does fewer than ONE_THREAD_WORK
-    multiply-adds (work_per_step = B*H*(T*E + V)), else torch's default."""
+    multiply-adds (work_per_step = B*H*(T*E + V)), else `default` (torch's current count when None)."""
     import torch
 
     if setting != "auto":
         return int(setting)
-    return 1 if work_per_step < ONE_THREAD_WORK else torch.get_num_threads()
+    if work_per_step < ONE_THREAD_WORK:
+        return 1
+    return torch.get_num_threads() if default is None else default
 
 
 @contextmanager

@@ -43,6 +43,13 @@ def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+def start_trainer(words_file: Path, out: Path, *args: str, steps: int = 10_000_000) -> subprocess.Popen:
+    """A training run in the background, long enough to be stopped by a signal."""
+    return subprocess.Popen([sys.executable, "-m", "charmlp_fast.train", "--data", str(words_file), "--steps",
+                             str(steps), "--out", str(out), *args, *TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
 def run_patched(patch: str, *args: str, module: str = "train") -> subprocess.CompletedProcess:
     """`python -m charmlp_fast.<module> args` with `patch` (Python source) run first; `full(path)` in it raises the
     OSError of a full disk."""
@@ -122,9 +129,7 @@ def test_bad_output_directories_fail_before_any_work(tmp_path, words_file, modul
 
 def test_a_second_trainer_on_the_same_out_is_refused(tmp_path, words_file):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "charmlp_fast.train", "--data", str(words_file), "--steps",
-                              "10000000", "--impl", "reference", "--log-every", "50", "--out", str(out), *TINY],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    first = start_trainer(words_file, out, "--impl", "reference", "--log-every", "50")
     try:
         wait_for_records(first, out / "metrics.jsonl")
         second = run_cli("charmlp_fast.train", "--data", str(words_file), "--steps", "100", "--out", str(out), *TINY)
@@ -346,9 +351,7 @@ def wait_for_records(proc: subprocess.Popen, path: Path, n: int = 1) -> None:
 
 def test_sigterm_checkpoints_like_ctrl_c(tmp_path, words_file):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "charmlp_fast.train", "--data", str(words_file), "--steps",
-                             "10000000", "--impl", "reference", "--log-every", "50", "--out", str(out), *TINY],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = start_trainer(words_file, out, "--impl", "reference", "--log-every", "50")
     try:
         wait_for_records(proc, out / "metrics.jsonl")
         proc.send_signal(signal.SIGTERM)
@@ -389,9 +392,7 @@ def test_a_second_ctrl_c_during_the_checkpoint_write(tmp_path, words_file):
 
 def test_ctrl_c_during_start_up_has_no_traceback(tmp_path, words_file):
     for delay in (0.5, 1.5):  # while torch is imported, then while the data is read or training starts
-        proc = subprocess.Popen([sys.executable, "-m", "charmlp_fast.train", "--data", str(words_file), "--steps",
-                                 "10000000", "--out", str(tmp_path / f"out{delay}"), *TINY],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        proc = start_trainer(words_file, tmp_path / f"out{delay}")
         try:
             time.sleep(delay)
             proc.send_signal(signal.SIGINT)
@@ -404,9 +405,7 @@ def test_ctrl_c_during_start_up_has_no_traceback(tmp_path, words_file):
 
 def test_a_second_ctrl_c_aborts_a_long_persistent_chunk_at_once(tmp_path, words_file):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "charmlp_fast.train", "--data", str(words_file), "--steps",
-                             "100000000", "--impl", "persistent", "--log-every", "100000000", "--out", str(out),
-                             *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = start_trainer(words_file, out, "--impl", "persistent", "--log-every", "100000000", steps=100_000_000)
     try:
         while "device cpu" not in proc.stdout.readline():
             assert proc.poll() is None, proc.communicate()[1]

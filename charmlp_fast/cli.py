@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -31,31 +32,35 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def quiet_interrupts(prog: str) -> None:
-    """A Ctrl-C before run_main is reached (while torch is imported) ends the program with one line and exit
-    status 130, not a traceback. Call it from a program's `if __name__ == "__main__"` guard placed above its heavy
-    imports."""
-    hook = sys.excepthook
+class _StartupInterrupt:
+    """The SIGINT handler while a program imports its modules: it notes a Ctrl-C instead of raising
+    KeyboardInterrupt inside an import, where a library may turn it into an ImportError and carry on without the
+    module (torch does so for numpy), so that the Ctrl-C would be lost and training would start anyway."""
 
-    def excepthook(kind, value, tb):
-        # An extension module interrupted while it loads can surface as an ImportError raised while the
-        # KeyboardInterrupt is handled: look along the chain of exceptions.
-        error = value
-        while error is not None and not isinstance(error, KeyboardInterrupt):
-            error = error.__cause__ or error.__context__
-        if error is None:
-            hook(kind, value, tb)
-            return
-        print(f"{prog}: interrupted during start-up", file=sys.stderr, flush=True)
-        os._exit(EXIT_INTERRUPTED)  # the hook cannot set the exit status otherwise; nothing is written yet
+    def __init__(self) -> None:
+        self.pending = False
 
-    sys.excepthook = excepthook
+    def __call__(self, signum, frame) -> None:
+        self.pending = True
+
+
+def quiet_interrupts() -> None:
+    """Defer a Ctrl-C that comes while the program is still importing (torch takes seconds): run_main then ends
+    the program with one line and exit status 130, before any work. Call it from a program's
+    `if __name__ == "__main__"` guard placed above its heavy imports."""
+    signal.signal(signal.SIGINT, _StartupInterrupt())
 
 
 def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
     from charmlp_fast.checkpoint import CheckpointError
     from charmlp_fast.data import DataError
 
+    startup = signal.getsignal(signal.SIGINT)
+    if isinstance(startup, _StartupInterrupt):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt from here on
+        if startup.pending:
+            print(f"{prog}: interrupted during start-up", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
     try:
         code = main(argv)
     except (CLIError, DataError, CheckpointError) as e:

@@ -18,7 +18,7 @@ from charmlp_fast.cli import (ArgumentParser, check_out_dir, finite_float, intra
                               quiet_interrupts, resolve_device, run_main, seed_int, thread_setting, threads_for)
 
 if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
-    quiet_interrupts("charmlp_fast.lr_find")
+    quiet_interrupts()
 
 import torch  # noqa: E402
 

@@ -8,7 +8,7 @@ from charmlp_fast.cli import (ArgumentParser, CLIError, positive_float, positive
                               seed_int)
 
 if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
-    quiet_interrupts("charmlp_fast.sample")
+    quiet_interrupts()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

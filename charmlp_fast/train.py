@@ -27,7 +27,7 @@ from charmlp_fast.cli import (ArgumentParser, CLIError, check_out_dir, intra_op_
                               run_main, seed_int, thread_setting, threads_for)
 
 if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
-    quiet_interrupts("charmlp_fast.train")
+    quiet_interrupts()
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402

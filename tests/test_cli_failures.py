@@ -396,11 +396,14 @@ def test_ctrl_c_during_start_up_has_no_traceback(tmp_path, words_file):
         try:
             time.sleep(delay)
             proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=60)
+            _, stderr = proc.communicate(timeout=30)
         finally:
             proc.kill()
-        assert proc.returncode in (130, -signal.SIGINT), stderr
+        # Never lost (torch turns a KeyboardInterrupt inside its numpy import into a missing numpy and carries on):
+        # the run ends at once, before training or after its first chunk.
+        assert proc.returncode == 130, stderr
         assert "Traceback" not in stderr, stderr
+        assert "interrupted" in stderr.strip().splitlines()[-1], stderr
 
 
 def test_a_second_ctrl_c_aborts_a_long_persistent_chunk_at_once(tmp_path, words_file):

@@ -620,8 +620,13 @@ T atomicMin(T* p, std::type_identity_t<T> v) {
   }
   return old;
 }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// ThreadSanitizer does not model fences (and warns about them); it does see the atomics above, which are seq_cst.
+inline void __threadfence() {
+#ifndef __SANITIZE_THREAD__
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+inline void __threadfence_block() { __threadfence(); }
 
 // ---- math and bit intrinsics ----------------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ SANITIZERS = {
 # The self-test's deliberate data races; everything else must be race-free under ThreadSanitizer.
 RACY = ["race_block", "race_warp", "cluster_misuse"]
 RACE_FREE = [
-    "block_reduce", "shuffle_forms", "ballot", "atomics", "cluster_dsmem",
+    "block_reduce", "shuffle_forms", "partial_warps", "ballot", "atomics", "cluster_dsmem",
     "async_copy", "device_assert", "smem_limits", "warp_misuse",
 ]
 # Sanitizer runtimes: fail loudly, and let ThreadSanitizer keep going after the first report.

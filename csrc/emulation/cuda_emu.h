@@ -113,7 +113,6 @@ cudaError_t launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, dim
 #include <bit>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -289,6 +288,9 @@ struct LaunchAborted {};
 
 // A reusable barrier that can be aborted, and that combines one value per arriving thread (the sum, for
 // __syncthreads_count and __ballot_sync) and a tag (which intrinsic each thread arrived at, to catch divergence).
+// Arrivals are counted under a mutex; waiters sleep on the generation word (std::atomic::wait: a futex), so that a
+// release wakes them without a convoy on the mutex. The release/acquire on that word is the happens-before edge
+// ThreadSanitizer sees from every write before the barrier to every read after it.
 class Barrier {
  public:
   struct Phase {
@@ -307,22 +309,26 @@ class Barrier {
   void set_completion(std::function<void()> f) { on_complete_ = std::move(f); }
 
   Phase arrive_and_wait(uint64_t value = 0, uint32_t lane_bit = 0, int tag = 0) {
-    std::unique_lock<std::mutex> lk(m_);
-    if (is_aborted()) throw LaunchAborted{};
-    if (count_ == 0) {
-      tag_ = tag;
-    } else if (tag != tag_) {
-      cur_.diverged = true;
+    uint32_t gen;
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      if (aborted_ != nullptr && aborted_->load()) throw LaunchAborted{};
+      if (count_ == 0) {
+        tag_ = tag;
+      } else if (tag != tag_) {
+        cur_.diverged = true;
+      }
+      cur_.sum += value;
+      cur_.lanes |= lane_bit;
+      if (++count_ == expected_) {
+        complete();
+        return last_;
+      }
+      gen = gen_.load(std::memory_order_relaxed);
     }
-    cur_.sum += value;
-    cur_.lanes |= lane_bit;
-    if (++count_ == expected_) {
-      complete();
-      return last_;
-    }
-    const uint64_t gen = gen_;
-    cv_.wait(lk, [&] { return gen_ != gen || is_aborted(); });
-    if (gen_ == gen) throw LaunchAborted{};
+    uint32_t now;
+    while ((now = gen_.load(std::memory_order_acquire)) == gen) gen_.wait(gen, std::memory_order_acquire);
+    if (now & kAbortBit) throw LaunchAborted{};
     return last_;  // stable: the next phase cannot complete before this thread arrives again
   }
 
@@ -334,26 +340,29 @@ class Barrier {
   }
 
   void wake_for_abort() {
-    std::lock_guard<std::mutex> lk(m_);
-    cv_.notify_all();
+    gen_.fetch_or(kAbortBit);
+    gen_.notify_all();
   }
 
  private:
-  bool is_aborted() const { return aborted_ != nullptr && aborted_->load(); }
+  static constexpr uint32_t kAbortBit = 0x80000000u;
+
+  // Under m_. The new generation keeps an abort bit that a concurrent wake_for_abort may have set.
   void complete() {
     last_ = cur_;
     cur_ = Phase{};
     count_ = 0;
-    ++gen_;
     if (on_complete_) on_complete_();
-    cv_.notify_all();
+    uint32_t g = gen_.load(std::memory_order_relaxed);
+    while (!gen_.compare_exchange_weak(g, (g & kAbortBit) | ((g + 1) & ~kAbortBit), std::memory_order_release)) {
+    }
+    gen_.notify_all();
   }
 
   std::mutex m_;
-  std::condition_variable cv_;
+  std::atomic<uint32_t> gen_{0};
   int64_t expected_ = 0;
   int64_t count_ = 0;
-  uint64_t gen_ = 0;
   int tag_ = 0;
   Phase cur_, last_;
   const std::atomic<bool>* aborted_ = nullptr;
@@ -362,7 +371,9 @@ class Barrier {
 
 struct WarpState {
   Barrier barrier;
-  alignas(16) unsigned char slots[32][16];  // the exchange buffer: one value of <= 16 bytes per lane
+  // The exchange buffer, one value of <= 16 bytes per lane, double-buffered by the parity of the warp's phase: a
+  // lane can write buffer p again only after the next phase, which every lane reaches after reading buffer p.
+  alignas(16) unsigned char slots[2][32][16];
 };
 
 struct BlockState {
@@ -422,6 +433,7 @@ struct ThreadState {
   int64_t linear = 0;  // thread id in the block
   int64_t lane = 0;
   int64_t warp = 0;
+  uint64_t warp_phases = 0;  // warp barriers this thread has passed in the current block
   std::vector<AsyncCopy> uncommitted;
   std::vector<std::vector<AsyncCopy>> committed;  // oldest first
 };
@@ -509,21 +521,23 @@ inline WarpState& warp_enter(unsigned mask) {
 }
 
 inline Barrier::Phase warp_phase(WarpState& w, int tag, uint64_t value) {
-  const ThreadState& t = self();
+  ThreadState& t = self();
+  ++t.warp_phases;
   const Barrier::Phase p = w.barrier.arrive_and_wait(value, 1u << t.lane, tag);
   if (p.diverged) misuse("the lanes of a warp met at different warp intrinsics (divergent __syncwarp/shuffle/vote)");
   return p;
 }
 
-// One exchange: every lane publishes v, then reads the value of lane src_of(lane) (or keeps its own when src_of
-// says so, returning a negative lane), then the warp meets again so the buffer can be reused.
+// One exchange: every lane publishes v, the warp meets, every lane reads the value of lane src_of(lane) (or keeps
+// its own where src_of says so with a negative lane).
 template <typename T, typename SrcOf>
 T shuffle(unsigned mask, T v, int width, SrcOf src_of) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 16, "shuffle of a type the emulator cannot carry");
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0) misuse("shuffle width must be a power of 2 <= 32");
   WarpState& w = warp_enter(mask);
-  const ThreadState& t = self();
-  std::memcpy(w.slots[t.lane], &v, sizeof(T));
+  ThreadState& t = self();
+  auto& slots = w.slots[t.warp_phases & 1];
+  std::memcpy(slots[t.lane], &v, sizeof(T));
   const Barrier::Phase p = warp_phase(w, kTagShfl, 0);
   const int64_t src = src_of(t.lane, static_cast<int64_t>(width));
   T out = v;
@@ -531,9 +545,8 @@ T shuffle(unsigned mask, T v, int width, SrcOf src_of) {
     if ((p.lanes >> src & 1u) == 0) {
       misuse("shuffle reads lane " + std::to_string(src) + ", which did not take part (exited or absent)");
     }
-    std::memcpy(&out, w.slots[src], sizeof(T));
+    std::memcpy(&out, slots[src], sizeof(T));
   }
-  warp_phase(w, kTagShfl, 0);
   return out;
 }
 
@@ -990,6 +1003,7 @@ inline void run_worker(Launch& L, int64_t worker) {
     L.control.arrive_and_wait();
     if (L.finished) break;
     ::blockIdx = b.index;
+    t.warp_phases = 0;  // the warp's barrier starts afresh with the block, so does the buffer parity
     try {
       L.body();
       __pipeline_wait_prior(0);  // copies still in flight at exit land anyway

@@ -65,6 +65,20 @@ __global__ void shuffle_forms_kernel(int* seg_sum, int* bcast, int* scan) {
   scan[lane] = s;
 }
 
+// A block of 48 threads: a full warp whose upper half leaves after one shuffle, and a 16-lane partial warp. Lanes
+// that left (or never existed) are in the full mask and ignored; the later blocks check the warp state's reset.
+__global__ void partial_warp_kernel(int* out) {
+  const int64_t lane = threadIdx.x % 32;
+  int v = static_cast<int>(threadIdx.x + 1000 * blockIdx.x);
+  if (int64_t{blockDim.x} - int64_t{threadIdx.x} / 32 * 32 >= 32) {
+    v += __shfl_xor_sync(0xffffffffu, v, 16);
+    if (lane >= 16) return;
+  }
+  for (int off = 8; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncwarp();  // so that the lanes that stay pass an even number of warp barriers, those that left an odd one
+  out[int64_t{blockIdx.x} * blockDim.x + threadIdx.x] = v;
+}
+
 __global__ void vote_kernel(unsigned* ballot, int* any_all, int* count) {
   const int lane = static_cast<int>(threadIdx.x % 32);
   const unsigned b = __ballot_sync(0xffffffffu, lane % 3 == 0);
@@ -218,6 +232,19 @@ void test_shuffle_forms() {
     check(seg[l] == 8 * base + 28, "segment sum at lane " + std::to_string(l));
     check(bc[l] == 50, "broadcast at lane " + std::to_string(l));
     check(scan[l] == l * (l + 1) / 2, "scan at lane " + std::to_string(l));
+  }
+}
+
+void test_partial_warps() {
+  constexpr int kBlocks = 3, kThreads = 48;
+  std::vector<int> out(kBlocks * kThreads, -1);
+  expect_ok(charmlp_emu::launch(partial_warp_kernel, dim3(kBlocks), dim3(kThreads), 0, nullptr, out.data()));
+  for (int b = 0; b < kBlocks; ++b) {
+    for (int t = 0; t < kThreads; ++t) {
+      const int want = t < 16 ? 496 + 32000 * b : (t < 32 ? -1 : 632 + 16000 * b);
+      check(out[b * kThreads + t] == want, "block " + std::to_string(b) + " thread " + std::to_string(t) + ": " +
+                                               std::to_string(out[b * kThreads + t]));
+    }
   }
 }
 
@@ -408,7 +435,8 @@ struct Test {
 
 const Test kTests[] = {
     {"block_reduce", test_block_reduce, true},   {"shuffle_forms", test_shuffle_forms, true},
-    {"ballot", test_ballot, true},               {"atomics", test_atomics, true},
+    {"partial_warps", test_partial_warps, true}, {"ballot", test_ballot, true},
+    {"atomics", test_atomics, true},
     {"cluster_dsmem", test_cluster_dsmem, true}, {"cluster_misuse", test_cluster_misuse, true},
     {"async_copy", test_async_copy, true},       {"device_assert", test_device_assert, true},
     {"smem_limits", test_smem_limits, true},     {"warp_misuse", test_warp_misuse, true},

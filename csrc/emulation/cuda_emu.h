@@ -11,11 +11,12 @@
 //     memory is poisoned with 0xFF bytes at every block start, so a read of a slot nobody wrote yet is a NaN or -1)
 //     and, in a -fsanitize=thread build, as a ThreadSanitizer data-race report.
 //   * Barriers. __syncthreads (and _count/_and/_or), __syncwarp, the warp intrinsics and cluster.sync() are real
-//     barriers (mutex + condition variable: they give ThreadSanitizer its happens-before edges). A thread that
-//     returns from the kernel leaves every barrier (it no longer counts), as exited threads do on sm_70+.
+//     barriers: arrivals counted under a mutex, waiters asleep on a generation word (a futex) whose release/acquire
+//     is ThreadSanitizer's happens-before edge. A thread that returns from the kernel leaves every barrier (it no
+//     longer counts), as exited threads do on sm_70+.
 //   * Warps are 32 consecutive linear thread ids of a block. Lanes do NOT run in lockstep: code that relies on
 //     implicit warp-synchronous execution without __syncwarp races, exactly as under independent thread scheduling.
-//     Warp intrinsics exchange values through a per-warp buffer between two per-warp barrier phases.
+//     A warp intrinsic is one phase of a per-warp barrier around a double-buffered per-warp exchange buffer.
 //   * Shared memory. Dynamic shared memory (extern __shared__) is a per-block allocation of exactly the launch's
 //     smem bytes (AddressSanitizer sees an overrun), reached through CHARMLP_DYNAMIC_SHARED (see below). Static
 //     __shared__ variables are function-local statics: one object per kernel instantiation, which is right because
@@ -38,10 +39,15 @@
 //     attribute, cudaOccupancyMaxActiveClusters, cudaGetDeviceProperties / cudaDeviceGetAttribute with H100/H200
 //     figures, streams and events (no-ops: everything is synchronous), cudaGetLastError / cudaPeekAtLastError.
 //   * atomics through std::atomic_ref (seq_cst), __threadfence as a seq_cst fence, math intrinsics onto <cmath>.
+//   * Launches are synchronous, serialised (one at a time in the process) and not re-entrant. They are slow: every
+//     barrier wakes its threads through the OS scheduler, about 5 ms per 256-thread block with a few shuffles on two
+//     cores. Emulate test-sized problems, never benchmarks. A cluster of 16 blocks of 1024 threads is 16384 OS
+//     threads (ThreadSanitizer allows about 8000 live threads).
 //
 // What only a real GPU shows: timing and occupancy (cudaOccupancyMaxActiveClusters is an estimate from the per-SM
 // limits), the real (weaker) memory ordering and warp-synchronous timing of the hardware (the emulator's barriers
-// are seq_cst mutexes, so a missing fence shows up only as a race report, never as reordering), cluster scheduling
+// and atomics are sequentially consistent, so a missing fence shows up only as a race report, never as a reordering),
+// cluster scheduling
 // on a partitioned or shared GPU (MIG, MPS), register and __launch_bounds__ limits (no-ops here), the static + dynamic
 // shared memory total (the emulator cannot size static __shared__), sticky errors (a device assert here does not
 // poison later calls) and asynchronous error reporting (errors come back from the launch itself).
@@ -61,8 +67,11 @@
 //     `|| defined(CHARMLP_EMULATE_CUDA)`: the emulator does not define __CUDA_ARCH__ (host headers such as torch's
 //     change meaning under it), so host-side fallbacks of __host__ __device__ code are what gets compiled.
 //   * Launches `kernel<<<grid, block, smem, stream>>>(args...)` -> `charmlp_emu::launch(kernel, grid, block, smem,
-//     stream, args...)`; cudaLaunchKernelEx calls work unchanged. Inline PTX (asm volatile) is not emulated.
-//   * Include this header after <cassert> (and after any torch header that defines CUDA_KERNEL_ASSERT).
+//     stream, args...)` (no header can parse <<< >>>); cudaLaunchKernelEx calls work unchanged. Inline PTX (asm
+//     volatile, e.g. a hand-written cp.async) is not emulated: use __pipeline_memcpy_async.
+//   * Include this header after <cassert> (and after any torch header that defines CUDA_KERNEL_ASSERT). With
+//     -Icsrc/emulation/include, the kernels' own #include <cuda_runtime.h>, <cooperative_groups.h> and
+//     <cuda_pipeline.h> resolve to forwarding headers that include this one.
 //
 // Not supported: warp masks that leave out live lanes of the warp (e.g. 0x0000ffff), barriers reached by lanes in
 // different places of the code (detected for warps, not for __syncthreads), grid-wide cooperative launches, textures,
@@ -140,7 +149,7 @@ cudaError_t launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, dim
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static  // one object per kernel instantiation: see "Trade-off" at the top
 #define CHARMLP_DYNAMIC_SHARED(type, name, align) \
-  type* const name = static_cast<type*>(::charmlp_emu::detail::dynamic_shared_memory(alignof(type) > (align) ? alignof(type) : (align)))
+  type* const name = static_cast<type*>(::charmlp_emu::detail::dynamic_shared_memory(alignof(type), (align)))
 
 // ---- runtime types --------------------------------------------------------------------------------------------------
 
@@ -680,10 +689,10 @@ namespace charmlp_emu::detail {
 
 constexpr unsigned char kPoison = 0xFF;  // float/double NaN, integer -1
 
-inline void* dynamic_shared_memory(size_t align) {
-  unsigned char* p = self().block->smem;
-  if (align > 128) misuse("dynamic shared memory aligned beyond 128 bytes is not emulated");
-  return p;
+// The block's dynamic shared memory, allocated 128-byte aligned by the launcher.
+inline void* dynamic_shared_memory(size_t type_align, size_t declared_align) {
+  if (std::max(type_align, declared_align) > 128) misuse("dynamic shared memory aligned beyond 128 bytes");
+  return self().block->smem;
 }
 
 }  // namespace charmlp_emu::detail
@@ -695,7 +704,9 @@ namespace cooperative_groups {
 class thread_block {
  public:
   void sync() const { __syncthreads(); }
-  unsigned long long thread_rank() const { return static_cast<unsigned long long>(::charmlp_emu::detail::self().linear); }
+  unsigned long long thread_rank() const {
+    return static_cast<unsigned long long>(::charmlp_emu::detail::self().linear);
+  }
   unsigned long long num_threads() const {
     return static_cast<unsigned long long>(::charmlp_emu::detail::self().launch->threads_per_block);
   }
@@ -711,7 +722,9 @@ class cluster_group {
   // Every thread of every block of the cluster arrives; shared-memory writes before it are visible after it.
   void sync() const { ::charmlp_emu::detail::self().launch->cluster_barrier.arrive_and_wait(); }
   unsigned block_rank() const { return static_cast<unsigned>(::charmlp_emu::detail::self().block->rank); }
-  unsigned num_blocks() const { return static_cast<unsigned>(::charmlp_emu::detail::self().launch->blocks_per_cluster); }
+  unsigned num_blocks() const {
+    return static_cast<unsigned>(::charmlp_emu::detail::self().launch->blocks_per_cluster);
+  }
   dim3 dim_blocks() const { return ::charmlp_emu::detail::self().launch->cluster; }
   dim3 block_index() const {
     const dim3 c = dim_blocks();
@@ -908,8 +921,12 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
     case cudaDevAttrMaxThreadsPerMultiProcessor: *value = p.maxThreadsPerMultiProcessor; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *value = p.major; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = p.minor; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = static_cast<int>(p.sharedMemPerMultiprocessor); return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(p.sharedMemPerBlockOptin); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = static_cast<int>(p.sharedMemPerMultiprocessor);
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(p.sharedMemPerBlockOptin);
+      return cudaSuccess;
     case cudaDevAttrClusterLaunch: *value = 1; return cudaSuccess;
   }
   return charmlp_emu::detail::record(cudaErrorInvalidValue, "cudaDeviceGetAttribute: unknown attribute");
@@ -972,7 +989,8 @@ inline void setup_next_cluster(Launch& L) {
   const int64_t cx = c % ncx, cy = (c / ncx) % ncy, cz = c / (ncx * ncy);
   for (int64_t r = 0; r < L.blocks_per_cluster; ++r) {
     BlockState& b = *L.blocks[r];
-    const int64_t lx = r % L.cluster.x, ly = (r / L.cluster.x) % L.cluster.y, lz = r / (int64_t{L.cluster.x} * L.cluster.y);
+    const int64_t lx = r % L.cluster.x, ly = (r / L.cluster.x) % L.cluster.y;
+    const int64_t lz = r / (int64_t{L.cluster.x} * L.cluster.y);
     b.index = uint3{static_cast<unsigned>(cx * L.cluster.x + lx), static_cast<unsigned>(cy * L.cluster.y + ly),
                     static_cast<unsigned>(cz * L.cluster.z + lz)};
     poison(b.smem, L.smem_bytes);
@@ -1046,8 +1064,9 @@ inline cudaError_t run_launch(const void* kernel, dim3 grid, dim3 block, dim3 cl
   if (tl_state != nullptr) return record(cudaErrorNotSupported, "charmlp_emu: kernel launch from a kernel");
   const int64_t threads = int64_t{block.x} * block.y * block.z;
   if (threads == 0 || threads > Lim::kMaxThreadsPerBlock || block.x > 1024 || block.y > 1024 || block.z > 64) {
-    return record(cudaErrorInvalidConfiguration, "charmlp_emu: invalid block dimensions (" + std::to_string(block.x) +
-                                                     "," + std::to_string(block.y) + "," + std::to_string(block.z) + ")");
+    return record(cudaErrorInvalidConfiguration, "charmlp_emu: invalid block dimensions (" +
+                                                     std::to_string(block.x) + "," + std::to_string(block.y) + "," +
+                                                     std::to_string(block.z) + ")");
   }
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
     return record(cudaErrorInvalidConfiguration, "charmlp_emu: invalid grid dimensions");

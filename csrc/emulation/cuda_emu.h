@@ -304,6 +304,7 @@ class Barrier {
  public:
   struct Phase {
     uint64_t sum = 0;
+    int64_t arrived = 0;
     uint32_t lanes = 0;  // bit i: lane i arrived (warp barriers)
     bool diverged = false;
   };
@@ -329,6 +330,7 @@ class Barrier {
       }
       cur_.sum += value;
       cur_.lanes |= lane_bit;
+      ++cur_.arrived;
       if (++count_ == expected_) {
         complete();
         return last_;
@@ -478,7 +480,6 @@ inline std::string where() {
 }  // namespace detail
 }  // namespace charmlp_emu
 
-
 #undef CUDA_KERNEL_ASSERT
 #define CUDA_KERNEL_ASSERT(cond) \
   ((cond) ? void(0) : ::charmlp_emu::detail::device_assert_fail(#cond, __FILE__, __LINE__, __func__))
@@ -496,16 +497,16 @@ inline std::string where() {
 namespace charmlp_emu::detail {
 enum BarrierTag : int { kTagSyncwarp = 1, kTagShfl, kTagVote };
 
-inline uint64_t block_barrier(uint64_t value) { return self().block->barrier.arrive_and_wait(value).sum; }
+// Threads that have returned take no part: they count neither as true nor as false.
+inline Barrier::Phase block_barrier(int pred) { return self().block->barrier.arrive_and_wait(pred != 0 ? 1 : 0); }
 }  // namespace charmlp_emu::detail
 
 inline void __syncthreads() { ::charmlp_emu::detail::block_barrier(0); }
-inline int __syncthreads_count(int pred) {
-  return static_cast<int>(::charmlp_emu::detail::block_barrier(pred != 0 ? 1 : 0));
-}
-inline int __syncthreads_or(int pred) { return __syncthreads_count(pred) != 0; }
+inline int __syncthreads_count(int pred) { return static_cast<int>(::charmlp_emu::detail::block_barrier(pred).sum); }
+inline int __syncthreads_or(int pred) { return ::charmlp_emu::detail::block_barrier(pred).sum != 0; }
 inline int __syncthreads_and(int pred) {
-  return static_cast<int64_t>(__syncthreads_count(pred)) == ::charmlp_emu::detail::self().launch->threads_per_block;
+  const auto p = ::charmlp_emu::detail::block_barrier(pred);
+  return static_cast<int64_t>(p.sum) == p.arrived;
 }
 
 // ---- warp intrinsics ------------------------------------------------------------------------------------------------
@@ -594,18 +595,22 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   });
 }
 
+namespace charmlp_emu::detail {
+// One vote phase: sum = the ballot (distinct bits: their sum is their OR), lanes = the lanes that voted.
+inline Barrier::Phase vote(unsigned mask, int pred) {
+  WarpState& w = warp_enter(mask);
+  return warp_phase(w, kTagVote, pred != 0 ? (uint64_t{1} << self().lane) : 0);
+}
+}  // namespace charmlp_emu::detail
+
 inline unsigned __ballot_sync(unsigned mask, int pred) {
-  auto& w = ::charmlp_emu::detail::warp_enter(mask);
-  const auto lane = ::charmlp_emu::detail::self().lane;
-  // Distinct bits: their sum is their OR.
-  return static_cast<unsigned>(
-      ::charmlp_emu::detail::warp_phase(w, ::charmlp_emu::detail::kTagVote, pred != 0 ? (uint64_t{1} << lane) : 0).sum);
+  return static_cast<unsigned>(::charmlp_emu::detail::vote(mask, pred).sum);
 }
-inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __any_sync(unsigned mask, int pred) { return ::charmlp_emu::detail::vote(mask, pred).sum != 0; }
 inline int __all_sync(unsigned mask, int pred) {
-  return __ballot_sync(mask, pred) == (mask & ::charmlp_emu::detail::warp_lanes(::charmlp_emu::detail::self()));
+  const auto p = ::charmlp_emu::detail::vote(mask, pred);
+  return p.sum == p.lanes;
 }
-inline unsigned __activemask() { return ::charmlp_emu::detail::warp_lanes(::charmlp_emu::detail::self()); }
 
 // ---- atomics and fences ---------------------------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@
 //     dim_blocks(), map_shared_rank() (a pointer into the peer block's dynamic shared memory). When a block of a
 //     cluster exits, its shared memory is poisoned: a peer that still reads it (no final cluster.sync) sees NaN.
 //   * Async copies: __pipeline_memcpy_async is deferred until the __pipeline_wait_prior that covers its commit
-//     batch (the latest moment the hardware may land it), so reading the destination too early sees stale data.
+//     batch, or the thread's exit (the latest moments the hardware may land it), so reading the destination too
+//     early sees stale data.
 //     Sizes other than 4, 8, 16 bytes or misaligned addresses are launch errors, as they are invalid on the GPU.
 //   * Device errors: CUDA_KERNEL_ASSERT, assert (when included after <cassert>) and __trap() inside a kernel stop
 //     the whole launch: the other threads are woken from their barriers and unwound, and the launch returns
@@ -1020,8 +1021,8 @@ inline void run_worker(Launch& L, int64_t worker) {
   ::blockDim = L.block;
   ::gridDim = L.grid;
   ::threadIdx = uint3{static_cast<unsigned>(t.linear % L.block.x),
-                        static_cast<unsigned>((t.linear / L.block.x) % L.block.y),
-                        static_cast<unsigned>(t.linear / (int64_t{L.block.x} * L.block.y))};
+                      static_cast<unsigned>((t.linear / L.block.x) % L.block.y),
+                      static_cast<unsigned>(t.linear / (int64_t{L.block.x} * L.block.y))};
   for (;;) {
     L.control.arrive_and_wait();
     if (L.finished) break;
@@ -1029,12 +1030,15 @@ inline void run_worker(Launch& L, int64_t worker) {
     t.warp_phases = 0;  // the warp's barrier starts afresh with the block, so does the buffer parity
     try {
       L.body();
-      __pipeline_wait_prior(0);  // copies still in flight at exit land anyway
+      __pipeline_commit();  // copies still in flight at exit, committed or not, land anyway
+      __pipeline_wait_prior(0);
     } catch (const KernelTrap& e) {
       L.fail(e.code, e.message);
     } catch (const LaunchAborted&) {
     } catch (const std::exception& e) {
       L.fail(cudaErrorLaunchFailure, std::string("charmlp_emu: exception in a kernel: ") + e.what() + where());
+    } catch (...) {
+      L.fail(cudaErrorLaunchFailure, "charmlp_emu: exception in a kernel" + where());
     }
     t.uncommitted.clear();
     t.committed.clear();

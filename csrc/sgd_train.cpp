@@ -70,24 +70,26 @@ class SequentialBlas {
   int previous_;
 };
 
-constexpr int64_t kBlasTile = 128;  // rows (or columns) of out per BLAS call
+constexpr int64_t kBlasTile = 256;  // at most this many rows (or columns) of out per BLAS call
 
 // out (R, N) = beta * out + alpha * (a (R, K) @ b (K, N)), the products of the CPU loop's BLAS path (beta 0: out =
 // alpha * a @ b). Why not one BLAS call: the summation order of a call may depend on how many threads the library
 // gives it (MKL's does, on some CPUs), so a model trained alone with two threads would differ from the same model
-// trained beside others, where each model's calls run on one thread. Instead, out is cut into tiles of kBlasTile
-// rows, or columns when it is wider than tall, and each tile is one single-threaded call; the tiles run on the
-// intra-op threads. The tiles and each tile's arithmetic depend on the sizes alone, so the result is the same for
+// trained beside others, where each model's calls run on one thread. Instead, out is cut into equal tiles of at
+// most kBlasTile rows, or columns when it is wider than tall, and each tile is one single-threaded call; the tiles
+// run on the intra-op threads. The tiles and each tile's arithmetic depend on the sizes alone, so the result is the same for
 // any thread count and any number of models side by side (on a BLAS other than MKL, as far as that BLAS is
 // single-threaded inside a parallel region).
 void blas_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta = 0.f, float alpha = 1.f) {
   const int64_t R = out.size(0), N = out.size(1), K = a.size(1);
   const bool by_rows = R >= N;
-  const int64_t tiles = ((by_rows ? R : N) + kBlasTile - 1) / kBlasTile;
+  const int64_t D = by_rows ? R : N;  // the dimension that is cut
+  const int64_t tiles = (D + kBlasTile - 1) / kBlasTile;
+  const int64_t tile = (D + tiles - 1) / tiles;  // tiles of (nearly) equal size: no sliver of a few rows at the end
   auto run = [&](int64_t lo, int64_t hi) {
     const SequentialBlas sequential;
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t begin = t * kBlasTile, len = std::min(kBlasTile, (by_rows ? R : N) - begin);
+      const int64_t begin = t * tile, len = std::min(tile, D - begin);
       const at::Tensor o = out.narrow(by_rows ? 0 : 1, begin, len);
       const at::Tensor x = by_rows ? a.narrow(0, begin, len) : a;
       const at::Tensor y = by_rows ? b : b.narrow(1, begin, len);

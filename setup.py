@@ -43,7 +43,7 @@ def plan() -> str:
         why = "CHARMLP_CUDA=0" if os.environ.get("CHARMLP_CUDA") == "0" else "no GPU visible; CHARMLP_CUDA=1 adds them"
         return f"charmlp_fast._C: C++ kernels only ({why}), about 3 minutes on 2 cores"
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    return (f"charmlp_fast._C: C++ and CUDA kernels (sm {archs}), about 12 minutes on 2 cores, "
+    return (f"charmlp_fast._C: C++ and CUDA kernels (sm {archs}), about 8 minutes on 2 cores, "
             "less with fewer architectures (TORCH_CUDA_ARCH_LIST) or more cores (MAX_JOBS)")
 
 

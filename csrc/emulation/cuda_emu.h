@@ -632,21 +632,22 @@ T atomicCAS(T* p, std::type_identity_t<T> expected, std::type_identity_t<T> desi
   std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired);
   return expected;  // the old value either way
 }
-template <typename T>
-T atomicMax(T* p, std::type_identity_t<T> v) {
+// *p = v where better(v, *p), atomically (a compare-exchange loop); returns the old value, as CUDA's atomicMax/Min.
+template <typename T, typename Better>
+T atomic_replace_if(T* p, T v, Better better) {
   std::atomic_ref<T> a(*p);
   T old = a.load();
-  while (old < v && !a.compare_exchange_weak(old, v)) {
+  while (better(v, old) && !a.compare_exchange_weak(old, v)) {
   }
   return old;
 }
 template <typename T>
+T atomicMax(T* p, std::type_identity_t<T> v) {
+  return atomic_replace_if(p, T(v), [](T x, T y) { return y < x; });
+}
+template <typename T>
 T atomicMin(T* p, std::type_identity_t<T> v) {
-  std::atomic_ref<T> a(*p);
-  T old = a.load();
-  while (v < old && !a.compare_exchange_weak(old, v)) {
-  }
-  return old;
+  return atomic_replace_if(p, T(v), [](T x, T y) { return x < y; });
 }
 // ThreadSanitizer does not model fences (and warns about them); it does see the atomics above, which are seq_cst.
 inline void __threadfence() {

@@ -7,6 +7,11 @@ costs a CPU-only machine most of its set-up time. CHARMLP_CUDA=0 never builds th
 
 `python setup.py --plan` prints one line saying what a build would compile (the Makefile shows it before
 building, since pip hides the build's output).
+
+charmlp_fast._C_emu, for the tests only: the same CUDA sources compiled with the host compiler on the CPU emulator
+(csrc/emulation/, csrc/cuda_utils.cuh). CHARMLP_EMULATOR=1 builds it beside _C, CHARMLP_EMULATOR=only builds it
+alone (`make test` does, in its own step); CHARMLP_EMULATOR_SANITIZE=address,undefined (or thread) builds it
+instrumented, as charmlp_fast._C_emu_<sanitizers> (CI's sanitizer job).
 """
 import glob
 import os
@@ -62,7 +67,40 @@ def cuda_include_dirs() -> list[str]:
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
+def emulator_setting() -> str:
+    env = os.environ.get("CHARMLP_EMULATOR", "0").lower()
+    if env not in ("0", "1", "only"):
+        sys.exit(f"CHARMLP_EMULATOR must be 0, 1 or only, got {env!r}")
+    return env
+
+
+def emulated_extension():
+    """The CUDA kernels built for the CPU emulator: a test-only module (see the top of this file)."""
+    sanitize = os.environ.get("CHARMLP_EMULATOR_SANITIZE", "")
+    name = "charmlp_fast._C_emu" + ("_" + sanitize.replace(",", "_") if sanitize else "")
+    flags = ["-O2", "-pthread", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    link = ["-pthread"]
+    if sanitize:
+        flags += ["-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]
+        link += [f"-fsanitize={sanitize}"]
+    return cpp_extension.CppExtension(
+        name,
+        sorted(str(p.relative_to(ROOT)) for p in (CSRC / "emulation").rglob("*.cpp")),
+        include_dirs=[str(CSRC), str(CSRC / "emulation" / "include")],
+        define_macros=[("CHARMLP_EMULATE_CUDA", None), ("WITH_CUDA", None)],
+        extra_compile_args={"cxx": flags},
+        extra_link_args=link,
+    )
+
+
 def extensions():
+    emulator = emulator_setting()
+    if emulator == "only":
+        return [emulated_extension()]
+    return product_extensions() + ([emulated_extension()] if emulator == "1" else [])
+
+
+def product_extensions():
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     # No -std flag: torch.utils.cpp_extension picks the standard the installed torch needs (C++20 from 2.13 on).
     # -fopenmp: at::parallel_for is a header template; with torch's OpenMP backend it only runs in parallel when the

@@ -649,7 +649,7 @@ void cross_entropy_reduce_cuda(const at::Tensor& targets, int64_t ignore_index, 
                                const at::Tensor& row_losses, const at::Tensor& loss, const at::Tensor& n_valid);
 #endif
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(CHARMLP_EMULATE_CUDA)
 // The target of row i of the kernels above, ignore_index for a row past the end (!active). A counted target is
 // checked on the device, as torch's own embedding does: the CPU kernels check on the host, which here would cost
 // a sync.

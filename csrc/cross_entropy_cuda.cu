@@ -12,14 +12,12 @@
 // vectors wherever the row's alignment allows. The reductions over B (the loss for mean/sum, the number of
 // counted rows for mean) are one-block kernels: a fixed order, so deterministic, and B values are cheap.
 // Targets are range-checked with CUDA_KERNEL_ASSERT, as torch's own kernels do: no host sync.
+#include "cuda_utils.cuh"  // first: see its header
 #include "cross_entropy.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
@@ -283,7 +281,7 @@ void launch_rows_forward(const at::Tensor& logits, const at::Tensor& targets, in
                          const at::Tensor& n_valid, int64_t reduction) {
   const int64_t B = logits.size(0), V = logits.size(1);
   if (B == 0) return;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "cross_entropy_forward_cuda", [&] {
@@ -292,12 +290,10 @@ void launch_rows_forward(const at::Tensor& logits, const at::Tensor& targets, in
         // The kernel writes the logits only with write_grad (linear_cross_entropy's own chunk buffer).
         scalar_t* x = write_grad ? logits.mutable_data_ptr<scalar_t>()
                                  : const_cast<scalar_t*>(logits.const_data_ptr<scalar_t>());
-        cross_entropy_forward_kernel<scalar_t, index_t, kTPR>
-            <<<row_blocks(B, RowLaunch<kTPR>::kRows), RowLaunch<kTPR>::kThreads, 0, stream>>>(
+        cuda::launch(cross_entropy_forward_kernel<scalar_t, index_t, kTPR>, row_blocks(B, RowLaunch<kTPR>::kRows), RowLaunch<kTPR>::kThreads, 0, stream,
                 x, targets.const_data_ptr<index_t>(), B, V, ignore_index, row_losses.mutable_data_ptr<acc_t>(),
                 lse.mutable_data_ptr<double>(), write_grad,
                 n_valid.defined() ? n_valid.const_data_ptr<int64_t>() : nullptr, reduction);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
@@ -318,19 +314,17 @@ void cross_entropy_rows_backward_cuda(const at::Tensor& logits, const at::Tensor
   const int64_t B = logits.size(0), V = logits.size(1);
   if (B == 0) return;
   TORCH_CHECK(reduction != kMean || n_valid.defined(), "cross_entropy: mean needs n_valid");
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   const int64_t grad_stride = reduction == kNone ? grad_loss.stride(0) : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_backward_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "cross_entropy_backward_cuda", [&] {
       dispatch_threads_per_row(V, [&](auto tpr) {
         constexpr int kTPR = decltype(tpr)::value;
-        cross_entropy_backward_kernel<scalar_t, index_t, kTPR>
-            <<<row_blocks(B, RowLaunch<kTPR>::kRows), RowLaunch<kTPR>::kThreads, 0, stream>>>(
+        cuda::launch(cross_entropy_backward_kernel<scalar_t, index_t, kTPR>, row_blocks(B, RowLaunch<kTPR>::kRows), RowLaunch<kTPR>::kThreads, 0, stream,
                 logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<index_t>(), lse.const_data_ptr<double>(),
                 grad_loss.const_data_ptr<scalar_t>(), grad_stride,
                 n_valid.defined() ? n_valid.const_data_ptr<int64_t>() : nullptr, reduction, B, V, ignore_index,
                 grad.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
@@ -339,18 +333,17 @@ void cross_entropy_rows_backward_cuda(const at::Tensor& logits, const at::Tensor
 void cross_entropy_reduce_cuda(const at::Tensor& targets, int64_t ignore_index, int64_t reduction,
                                const at::Tensor& row_losses, const at::Tensor& loss, const at::Tensor& n_valid) {
   const int64_t B = targets.size(0);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   // The loss dtype picks the kernel; a count-only call (no loss) uses the float one.
   const at::ScalarType dtype = loss.defined() ? loss.scalar_type() : at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cross_entropy_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "cross_entropy_reduce_cuda", [&] {
-      reduce_rows_kernel<scalar_t, index_t><<<1, kReduceThreads, 0, stream>>>(
+      cuda::launch(reduce_rows_kernel<scalar_t, index_t>, 1, kReduceThreads, 0, stream,
           targets.const_data_ptr<index_t>(), B, ignore_index, reduction,
           row_losses.defined() ? row_losses.const_data_ptr<acc_t>() : nullptr,
           loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr,
           n_valid.defined() ? n_valid.mutable_data_ptr<int64_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
@@ -363,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& 
                                                               int64_t reduction, int64_t ignore_index) {
   int64_t B, V;
   std::tie(B, V) = check_cross_entropy_args(logits_, targets_, reduction, /*allow_half=*/true);
-  const c10::cuda::CUDAGuard guard(logits_.device());
+  const cuda::DeviceGuard guard(logits_.device());
   const at::Tensor logits = logits_.contiguous();  // logits is (B, V)
   const at::Tensor targets = targets_.contiguous();
   const at::ScalarType acc_type = at::toOpMathType(logits.scalar_type());
@@ -387,7 +380,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
   int64_t B, V;
   std::tie(B, V) = check_cross_entropy_args(logits_, targets_, reduction, /*allow_half=*/true);
   check_backward_args(grad_loss, lse_, logits_, "logits", B, reduction);
-  const c10::cuda::CUDAGuard guard(logits_.device());
+  const cuda::DeviceGuard guard(logits_.device());
   const at::Tensor logits = logits_.contiguous();
   const at::Tensor targets = targets_.contiguous();
   const at::Tensor lse = lse_.contiguous();
@@ -405,7 +398,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
 }  // namespace
 }  // namespace charmlp
 
-TORCH_LIBRARY_IMPL(charmlp, CUDA, m) {
+CHARMLP_REGISTER_CUDA_KERNELS(m) {
   m.impl("cross_entropy_forward", &charmlp::cross_entropy_forward_cuda);
   m.impl("cross_entropy_backward", &charmlp::cross_entropy_backward_cuda);
 }

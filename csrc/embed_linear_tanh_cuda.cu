@@ -16,17 +16,15 @@
 //      under torch.use_deterministic_algorithms(True) it writes grad_emb (B, K) instead, and grad_C comes
 //      from ATen's embedding_dense_backward (sorted indices, fixed-order segment sums).
 // bf16/fp16 inputs are accumulated in fp32 throughout; the results are cast back at the end.
+#include "cuda_utils.cuh"  // first: see its header
 #include "embed_linear_tanh.h"
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/embedding_dense_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -44,9 +42,7 @@ constexpr int kSide = 16;  // threads per tile side
 constexpr int kStep = 16;  // reduction elements staged per __syncthreads pair
 constexpr int kWide = 64;  // the wide tile side: 16 threads x 4 outputs
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+using cuda::ceil_div;
 
 __device__ __forceinline__ float tanh_acc(float x) {
   return tanhf(x);
@@ -257,14 +253,14 @@ void check_grid_dim(int64_t blocks, const char* what, int64_t size, int64_t per_
 }
 
 int grid_stride_blocks(int64_t n_el) {
-  const int64_t max_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  const int64_t max_blocks = int64_t(cuda::device_properties()->multiProcessorCount) * 8;
   return int(std::max<int64_t>(1, std::min(ceil_div(n_el, kThreads), max_blocks)));
 }
 
 at::Tensor embed_linear_tanh_cuda(const at::Tensor& idx, const at::Tensor& C, const at::Tensor& W1,
                                   const at::Tensor& b1) {
   const auto s = check_embed_linear_tanh_args(idx, C, W1, b1, /*allow_half=*/true);
-  const c10::cuda::CUDAGuard device_guard(C.device());
+  const cuda::DeviceGuard device_guard(C.device());
   at::Tensor h = at::empty({s.B, s.H}, C.options());  // h is (B, H)
   if (s.B == 0 || s.H == 0) return h;
   check_grid_dim(ceil_div(s.H, kWide), "W1.size(1) (H)", s.H, kWide);
@@ -273,13 +269,12 @@ at::Tensor embed_linear_tanh_cuda(const at::Tensor& idx, const at::Tensor& C, co
   const auto W1_c = W1.expect_contiguous();
   const auto b1_c = b1.expect_contiguous();
   const dim3 grid(unsigned(ceil_div(s.B, kWide)), unsigned(ceil_div(s.H, kWide)));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, C.scalar_type(), "embed_linear_tanh_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "embed_linear_tanh_cuda", [&] {
-      embed_linear_tanh_forward_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
+      cuda::launch(embed_linear_tanh_forward_kernel<scalar_t, index_t>, grid, kThreads, 0, stream,
           idx_c->const_data_ptr<index_t>(), C_c->const_data_ptr<scalar_t>(), W1_c->const_data_ptr<scalar_t>(),
           b1_c->const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), s.B, s.T, s.E, s.K, s.H, s.V);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return h;
@@ -291,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cuda(c
                                                                                const at::Tensor& C,
                                                                                const at::Tensor& W1) {
   const auto s = check_embed_linear_tanh_backward_args(grad_h, h, idx, C, W1, /*allow_half=*/true);
-  const c10::cuda::CUDAGuard device_guard(C.device());
+  const cuda::DeviceGuard device_guard(C.device());
   if (s.B == 0 || s.H == 0) {
     return {at::zeros({s.V, s.E}, C.options()), at::zeros({s.K, s.H}, C.options()), at::zeros({s.H}, C.options())};
   }
@@ -302,8 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cuda(c
   const auto W1_c = W1.expect_contiguous();
   const auto h_c = h.expect_contiguous();
   const int64_t B = s.B, T = s.T, E = s.E, K = s.K, H = s.H, V = s.V;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int n_sm = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const cudaStream_t stream = cuda::current_stream();
+  const int n_sm = cuda::device_properties()->multiProcessorCount;
 
   // Split B so that kernel 2 fills the GPU about four CTAs per SM, with at least 256 rows per split; the
   // split depends only on the shapes and the device, so the fixed-order sum is reproducible.
@@ -330,26 +325,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cuda(c
       // 1. grad_pre, once.
       at::Tensor grad_pre = at::empty({B, H}, acc_options);  // (B, H)
       acc_t* gp = grad_pre.mutable_data_ptr<acc_t>();
-      grad_pre_kernel<scalar_t, acc_t><<<grid_stride_blocks(B * H), kThreads, 0, stream>>>(
+      cuda::launch(grad_pre_kernel<scalar_t, acc_t>, grid_stride_blocks(B * H), kThreads, 0, stream,
           grad_h.const_data_ptr<scalar_t>(), grad_h.stride(0), grad_h.stride(1), h_c->const_data_ptr<scalar_t>(), gp,
           B, H);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
 
       // 2 + 3. grad_W1 and grad_b1.
       at::Tensor partial = at::empty({splits, K + 1, H}, acc_options);
       const dim3 grid_w(unsigned(ceil_div(H, kWide)), unsigned(ceil_div(K + 1, kSide * tm)), unsigned(splits));
       if (tm == 2) {
-        grad_w1_partial_kernel<scalar_t, index_t, 2><<<grid_w, kThreads, 0, stream>>>(
+        cuda::launch(grad_w1_partial_kernel<scalar_t, index_t, 2>, grid_w, kThreads, 0, stream,
             idx_p, C_p, gp, partial.mutable_data_ptr<acc_t>(), B, T, E, K, H, V, rows_per_split);
       } else {
-        grad_w1_partial_kernel<scalar_t, index_t, 4><<<grid_w, kThreads, 0, stream>>>(
+        cuda::launch(grad_w1_partial_kernel<scalar_t, index_t, 4>, grid_w, kThreads, 0, stream,
             idx_p, C_p, gp, partial.mutable_data_ptr<acc_t>(), B, T, E, K, H, V, rows_per_split);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      reduce_splits_kernel<scalar_t, acc_t><<<grid_stride_blocks((K + 1) * H), kThreads, 0, stream>>>(
+      cuda::launch(reduce_splits_kernel<scalar_t, acc_t>, grid_stride_blocks((K + 1) * H), kThreads, 0, stream,
           partial.const_data_ptr<acc_t>(), grad_W1.mutable_data_ptr<scalar_t>(), grad_b1.mutable_data_ptr<scalar_t>(),
           splits, K, H);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
 
       // 4. grad_C.
       if (K == 0) {
@@ -361,13 +353,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cuda(c
       auto launch_grad_emb = [&](acc_t* out, auto atomic) {
         constexpr bool kAtomic = decltype(atomic)::value;
         if (tn == 2) {
-          grad_emb_kernel<scalar_t, index_t, 2, kAtomic><<<grid_e, kThreads, 0, stream>>>(idx_p, W1_p, gp, out, B,
-                                                                                          T, E, K, H);
+          cuda::launch(grad_emb_kernel<scalar_t, index_t, 2, kAtomic>, grid_e, kThreads, 0, stream, idx_p, W1_p, gp,
+                       out, B, T, E, K, H);
         } else {
-          grad_emb_kernel<scalar_t, index_t, 4, kAtomic><<<grid_e, kThreads, 0, stream>>>(idx_p, W1_p, gp, out, B,
-                                                                                          T, E, K, H);
+          cuda::launch(grad_emb_kernel<scalar_t, index_t, 4, kAtomic>, grid_e, kThreads, 0, stream, idx_p, W1_p, gp,
+                       out, B, T, E, K, H);
         }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (deterministic) {
         at::Tensor grad_emb = at::empty({B, K}, acc_options);  // (B, K)
@@ -387,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cuda(c
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(charmlp, CUDA, m) {
+CHARMLP_REGISTER_CUDA_KERNELS(m) {
   m.impl("embed_linear_tanh", &embed_linear_tanh_cuda);
   m.impl("embed_linear_tanh_backward", &embed_linear_tanh_backward_cuda);
 }

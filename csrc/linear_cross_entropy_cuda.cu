@@ -20,13 +20,11 @@
 // (3 GEMMs for forward + backward); the backward op recomputes the logits from the saved lse (4 GEMMs), for
 // reduction="none" whose per-row incoming gradient only the backward knows.
 // bf16/fp16 inputs are upcast to float32 (h, W2, b2 are small next to the (B, V) work) and the results cast back.
+#include "cuda_utils.cuh"  // first: see its header
 #include "cross_entropy.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
@@ -90,7 +88,7 @@ int columns_per_lane(int64_t V) { return static_cast<int>((V + 31) / 32); }
 bool use_small_path(int64_t B, int64_t H, int64_t V, size_t elem_size, bool with_grad) {
   if (V > kSmallMaxV || B > kSmallMaxB) return false;
   const size_t bytes = small_layout(H, V, columns_per_lane(V), with_grad).total * elem_size;
-  return bytes <= std::min(kSmallMaxSmem, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  return bytes <= std::min(kSmallMaxSmem, cuda::device_properties()->sharedMemPerBlockOptin);
 }
 
 // ---- kernels ---------------------------------------------------------------------------------------
@@ -115,7 +113,7 @@ __global__ void __launch_bounds__(kSmallThreads) linear_cross_entropy_small_kern
   constexpr int kVP = 32 * kC;  // V padded to whole warps
   const int64_t ldw = kVP + 1;
   const int64_t HV = H * V;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  CHARMLP_DYNAMIC_SHARED(unsigned char, smem_raw, 16);
   scalar_t* smem = reinterpret_cast<scalar_t*>(smem_raw);
   scalar_t* W2s = smem;                                                  // (H, ldw), 0 beyond column V
   scalar_t* b2s = W2s + H * ldw;                                         // (kVP), 0 beyond V
@@ -274,12 +272,12 @@ void small_path(const at::Tensor& h_, const at::Tensor& W2_, const at::Tensor& b
                 const at::Tensor& row_losses, const at::Tensor& lse, Grads& grads) {
   const int64_t B = h_.size(0), H = h_.size(1), V = W2_.size(1);
   const at::Tensor h = h_.contiguous(), W2 = W2_.contiguous(), b2 = b2_.contiguous();
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int num_sms = cuda::device_properties()->multiProcessorCount;
   // enough rows per block to give every SM about one block, in whole tiles
   const int64_t rows_per_block =
       std::max<int64_t>(1, (B + num_sms - 1) / num_sms + kSmallWarps - 1) / kSmallWarps * kSmallWarps;
   const int64_t blocks = std::max<int64_t>(1, (B + rows_per_block - 1) / rows_per_block);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   at::Tensor partial = with_grad ? at::empty({blocks, H * V + V}, h.options()) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "linear_cross_entropy_small_cuda", [&] {
@@ -289,11 +287,11 @@ void small_path(const at::Tensor& h_, const at::Tensor& W2_, const at::Tensor& b
         auto kernel = linear_cross_entropy_small_kernel<scalar_t, index_t, kC>;
         const size_t smem = small_layout(H, V, kC, with_grad).total * sizeof(scalar_t);
         if (smem > 48 * 1024) {  // above the default limit, shared memory must be opted into per kernel
-          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+          CHARMLP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(smem)));
         }
         const bool forward = !grad_loss.defined();
-        kernel<<<static_cast<unsigned int>(blocks), kSmallThreads, smem, stream>>>(
+        cuda::launch(kernel, static_cast<unsigned int>(blocks), kSmallThreads, smem, stream,
             h.const_data_ptr<scalar_t>(), W2.const_data_ptr<scalar_t>(), b2.const_data_ptr<scalar_t>(),
             targets.const_data_ptr<index_t>(), B, H, V, rows_per_block, reduction, ignore_index,
             forward ? nullptr : grad_loss.const_data_ptr<scalar_t>(),
@@ -302,16 +300,14 @@ void small_path(const at::Tensor& h_, const at::Tensor& W2_, const at::Tensor& b
             forward ? lse.mutable_data_ptr<double>() : nullptr,
             with_grad ? grads.h.mutable_data_ptr<scalar_t>() : nullptr,
             with_grad ? partial.mutable_data_ptr<scalar_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       if (with_grad) {
         const int threads = 256;
         const int64_t n = H * V + V;
         const unsigned int sum_blocks = static_cast<unsigned int>(std::min<int64_t>((n + threads - 1) / threads, 1024));
-        sum_partials_kernel<scalar_t><<<sum_blocks, threads, 0, stream>>>(
+        cuda::launch(sum_partials_kernel<scalar_t>, sum_blocks, threads, 0, stream,
             partial.const_data_ptr<scalar_t>(), blocks, H * V, V, grads.W2.mutable_data_ptr<scalar_t>(),
             grads.b2.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   });
@@ -377,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     int64_t ignore_index, bool compute_grad) {
   check_linear_cross_entropy_args(h, W2, b2, targets_, reduction, /*allow_half=*/true);
   const int64_t B = h.size(0), H = h.size(1), V = W2.size(1);
-  const c10::cuda::CUDAGuard guard(h.device());
+  const cuda::DeviceGuard guard(h.device());
   if (is_half(h)) {
     const auto dtype = h.scalar_type();
     auto [loss, lse, gh, gW, gb] = linear_cross_entropy_forward_cuda(
@@ -417,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
   check_linear_cross_entropy_args(h, W2, b2, targets_, reduction, /*allow_half=*/true);
   const int64_t B = h.size(0), H = h.size(1), V = W2.size(1);
   check_backward_args(grad_loss, lse_, h, "h", B, reduction);
-  const c10::cuda::CUDAGuard guard(h.device());
+  const cuda::DeviceGuard guard(h.device());
   if (is_half(h)) {
     const auto dtype = h.scalar_type();
     auto [gh, gW, gb] = linear_cross_entropy_backward_cuda(grad_loss.to(at::kFloat), h.to(at::kFloat),
@@ -446,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
 }  // namespace
 }  // namespace charmlp
 
-TORCH_LIBRARY_IMPL(charmlp, CUDA, m) {
+CHARMLP_REGISTER_CUDA_KERNELS(m) {
   m.impl("linear_cross_entropy_forward", &charmlp::linear_cross_entropy_forward_cuda);
   m.impl("linear_cross_entropy_backward", &charmlp::linear_cross_entropy_backward_cuda);
 }

@@ -29,13 +29,11 @@
 // Sizes: whatever fits the plan of csrc/sgd_train.h (plan_persistent): parameters + activations of one block in
 // the device's opt-in shared memory (227 KB on H100). Larger models (batch * hidden grows fastest) get a
 // readable error; the trainer then uses the CUDA-graph stepper (charmlp_fast/device_train.py).
+#include "cuda_utils.cuh"  // first: see its header
 #include "sgd_train.h"
 
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 
 #include <limits>
@@ -134,7 +132,7 @@ __device__ __forceinline__ void cluster_or_block_sync() {
   if constexpr (CS == 1) {
     __syncthreads();
   } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(CHARMLP_EMULATE_CUDA)
     cg::this_cluster().sync();
 #else
     __trap();  // never launched: the host plan allows CS > 1 only on compute capability 9.0+
@@ -148,7 +146,7 @@ __device__ __forceinline__ const float* cluster_peer(const float* p, int rank) {
   if constexpr (CS == 1) {
     return p;
   } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(CHARMLP_EMULATE_CUDA)
     return cg::this_cluster().map_shared_rank(const_cast<float*>(p), rank);
 #else
     __trap();
@@ -162,7 +160,7 @@ __device__ __forceinline__ int cluster_rank() {
   if constexpr (CS == 1) {
     return 0;
   } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(CHARMLP_EMULATE_CUDA)
     return static_cast<int>(cg::this_cluster().block_rank());
 #else
     __trap();
@@ -214,7 +212,7 @@ __device__ __forceinline__ void prefetch_minibatch(const PersistentLayout& L, co
 template <int CS, typename index_t>
 __global__ void __launch_bounds__(kThreads, 1)
     sgd_train_persistent_kernel(const PersistentLayout L, const SgdTrainArgs<index_t> a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  CHARMLP_DYNAMIC_SHARED(unsigned char, smem, 16);
   float* sC = reinterpret_cast<float*>(smem + L.off_C);    // (V, E), replicated in every block of the cluster
   float* sW1 = reinterpret_cast<float*>(smem + L.off_W1);  // (TE, ldw1): this block's columns of W1
   float* sb1 = reinterpret_cast<float*>(smem + L.off_b1);  // (hc,)
@@ -456,7 +454,8 @@ template <int CS, typename index_t>
 bool launch_persistent(const PersistentLayout& L, const SgdTrainArgs<index_t>& args, int64_t M,
                        cudaStream_t stream) {
   auto kernel = sgd_train_persistent_kernel<CS, index_t>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes)));
+  CHARMLP_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes)));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(M * CS));
   cfg.blockDim = dim3(kThreads);
@@ -471,11 +470,10 @@ bool launch_persistent(const PersistentLayout& L, const SgdTrainArgs<index_t>& a
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    CHARMLP_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
     if (clusters == 0) return false;
   }
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, L, args));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  CHARMLP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, L, args));
   return true;
 }
 
@@ -498,12 +496,12 @@ at::Tensor sgd_train_cuda(const at::Tensor& C, const at::Tensor& W1, const at::T
   const SgdTrainShape s =
       check_sgd_train_args(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every,
                            cluster_size);
-  TORCH_CHECK(C.is_cuda(), "sgd_train (CUDA kernel) got C on ", C.device());
-  const c10::cuda::CUDAGuard guard(C.device());
+  TORCH_CHECK(cuda::on_kernel_device(C), "sgd_train (CUDA kernel) got C on ", C.device());
+  const cuda::DeviceGuard guard(C.device());
   auto losses = at::empty({s.M, s.num_losses}, C.options());
   if (s.S == 0) return losses;
 
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const cudaDeviceProp* prop = cuda::device_properties();
   auto plan_for = [&](int64_t cluster) {
     return plan_persistent(s.V, s.T, s.E, s.H, s.B, static_cast<int64_t>(prop->sharedMemPerBlockOptin), prop->major,
                            cluster);
@@ -515,7 +513,7 @@ at::Tensor sgd_train_cuda(const at::Tensor& C, const at::Tensor& W1, const at::T
               ") for one launch");
 
   const SgdTrainInputs inputs(X, Y, lrs, seeds, batch_idx);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
 
   auto run = [&](auto index_tag) {
     using index_t = decltype(index_tag);
@@ -545,8 +543,8 @@ at::Tensor sgd_train_cuda(const at::Tensor& C, const at::Tensor& W1, const at::T
 at::Tensor philox_minibatch_cuda(const at::Tensor& seeds, const at::Tensor& start_step, int64_t num_steps,
                                  int64_t batch_size, int64_t num_rows) {
   check_philox_minibatch_args(seeds, start_step, num_steps, batch_size, num_rows);
-  TORCH_CHECK(seeds.is_cuda(), "philox_minibatch (CUDA kernel) got seeds on ", seeds.device());
-  const c10::cuda::CUDAGuard guard(seeds.device());
+  TORCH_CHECK(cuda::on_kernel_device(seeds), "philox_minibatch (CUDA kernel) got seeds on ", seeds.device());
+  const cuda::DeviceGuard guard(seeds.device());
   const int64_t M = seeds.size(0);
   auto out = at::empty({M, num_steps, batch_size}, seeds.options());
   const int64_t total = out.numel();
@@ -554,16 +552,15 @@ at::Tensor philox_minibatch_cuda(const at::Tensor& seeds, const at::Tensor& star
   const auto sc = seeds.expect_contiguous();
   constexpr int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 4096));
-  philox_minibatch_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  cuda::launch(philox_minibatch_kernel, blocks, threads, 0, cuda::current_stream(),
       sc->data_ptr<int64_t>(), start_step.data_ptr<int64_t>(), num_steps, batch_size, num_rows, total,
       out.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(charmlp, CUDA, m) {
+CHARMLP_REGISTER_CUDA_KERNELS(m) {
   m.impl("sgd_train", &sgd_train_cuda);
   m.impl("philox_minibatch", &philox_minibatch_cuda);
 }

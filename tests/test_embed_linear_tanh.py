@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from charmlp_fast import ops
-from tests.conftest import DEVICES, requires_cuda
+from tests.conftest import DEVICES, requires_cuda, skip_if_emulated, NO_COMPILE
+from emulated_cuda import opcheck
 from tests.utils import rel_error
 
 if not ops.HAS_EXTENSION:  # pragma: no cover
@@ -217,7 +218,7 @@ def test_opcheck_forward(device, requires_grad):
     idx, C, W1, b1, _ = make_inputs(19, 3, 5, 23, 11, device, torch.float32, seed=6)
     for p in (C, W1, b1):
         p.requires_grad_(requires_grad)
-    torch.library.opcheck(elt, (idx, C, W1, b1))
+    opcheck(elt, (idx, C, W1, b1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -229,12 +230,13 @@ def test_opcheck_backward(device, layout):
         C, W1 = C.t().contiguous().t(), W1.t().contiguous().t()
     # Deterministic so that the "same result twice" sub-checks also hold on CUDA.
     with DeterministicAlgorithms(True):
-        torch.library.opcheck(elt_backward, (grad_h, h, idx, C, W1))
+        opcheck(elt_backward, (grad_h, h, idx, C, W1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     """A function using the op, compiled with fullgraph=True, matches eager in the forward and every gradient."""
+    skip_if_emulated(device, NO_COMPILE)
     idx, C, W1, b1, _ = make_inputs(32, 3, 10, 200, 27, device, torch.float32, seed=8)
     W2 = torch.randn(200, 27, generator=torch.Generator().manual_seed(9)).to(device)
 

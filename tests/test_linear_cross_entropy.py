@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import charmlp_fast.ops as ops
-from conftest import DEVICES, requires_cuda
+from conftest import DEVICES, requires_cuda, skip_if_emulated, NO_COMPILE
+from emulated_cuda import opcheck
 from utils import check_against_truth, extreme_logits, rel_error
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="charmlp_fast._C is not built")
@@ -264,13 +265,13 @@ def test_opcheck(device, reduction):
     h, W2, b2, t = (x.to(device) for x in _inputs(8, 6, 13, g, torch.float32))
     t[3] = -100
     grads = tuple(p.clone().requires_grad_() for p in (h, W2, b2))
-    torch.library.opcheck(torch.ops.charmlp.linear_cross_entropy.default, (*grads, t, reduction, -100))
+    opcheck(torch.ops.charmlp.linear_cross_entropy.default, (*grads, t, reduction, -100))
     for compute_grad in (False, True):
-        torch.library.opcheck(torch.ops.charmlp.linear_cross_entropy_forward.default,
+        opcheck(torch.ops.charmlp.linear_cross_entropy_forward.default,
                               (h, W2, b2, t, reduction, -100, compute_grad))
     _, lse, *_ = torch.ops.charmlp.linear_cross_entropy_forward(h, W2, b2, t, reduction, -100, False)
     grad_loss = torch.randn((8,) if reduction == 0 else (), generator=g).to(device)
-    torch.library.opcheck(torch.ops.charmlp.linear_cross_entropy_backward.default,
+    opcheck(torch.ops.charmlp.linear_cross_entropy_backward.default,
                           (grad_loss, h, W2, b2, t, lse, reduction, -100))
 
 
@@ -279,6 +280,7 @@ def test_opcheck(device, reduction):
 @pytest.mark.parametrize("B,H,V", [(16, 10, 27), (8200, 128, 27)])
 def test_compile_fullgraph_matches_eager(device, reduction, B, H, V):
     """Every autograd route (gradients precomputed, logits recomputed, logits kept) traces and matches eager."""
+    skip_if_emulated(device, NO_COMPILE)
     g = _seed("compile", reduction, B)
     h, W2, b2, t = (x.to(device) for x in _inputs(B, H, V, g, torch.float32))
 

@@ -659,6 +659,22 @@ inline void __threadfence_block() { __threadfence(); }
 
 // ---- math and bit intrinsics ----------------------------------------------------------------------------------------
 
+// CUDA's global min/max overloads (device code calls them unqualified), one per argument type as in CUDA's headers.
+#define CHARMLP_EMU_MIN_MAX(T)                    \
+  inline T min(T a, T b) { return b < a ? b : a; } \
+  inline T max(T a, T b) { return a < b ? b : a; }
+CHARMLP_EMU_MIN_MAX(int)
+CHARMLP_EMU_MIN_MAX(unsigned)
+CHARMLP_EMU_MIN_MAX(long)
+CHARMLP_EMU_MIN_MAX(unsigned long)
+CHARMLP_EMU_MIN_MAX(long long)
+CHARMLP_EMU_MIN_MAX(unsigned long long)
+#undef CHARMLP_EMU_MIN_MAX
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
+inline double min(double a, double b) { return std::fmin(a, b); }
+inline double max(double a, double b) { return std::fmax(a, b); }
+
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __powf(float x, float y) { return std::pow(x, y); }
@@ -869,13 +885,13 @@ inline cudaError_t cudaPeekAtLastError() { return charmlp_emu::detail::tl_last_e
 
 template <typename... Params>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
-  using namespace charmlp_emu;
-  std::lock_guard<std::mutex> lk(detail::runtime().m);
-  auto& a = detail::runtime().funcs[reinterpret_cast<const void*>(kernel)];
+  namespace emu = charmlp_emu;  // not `using namespace`: torch has a global `detail` too
+  std::lock_guard<std::mutex> lk(emu::detail::runtime().m);
+  auto& a = emu::detail::runtime().funcs[reinterpret_cast<const void*>(kernel)];
   switch (attr) {
     case cudaFuncAttributeMaxDynamicSharedMemorySize:
-      if (value < 0 || static_cast<size_t>(value) > DeviceLimits::kMaxSmemPerBlockOptin) {
-        return detail::record(cudaErrorInvalidValue, "cudaFuncSetAttribute: MaxDynamicSharedMemorySize " +
+      if (value < 0 || static_cast<size_t>(value) > emu::DeviceLimits::kMaxSmemPerBlockOptin) {
+        return emu::detail::record(cudaErrorInvalidValue, "cudaFuncSetAttribute: MaxDynamicSharedMemorySize " +
                                                          std::to_string(value) + " exceeds the device's 232448");
       }
       a.max_dynamic_smem = static_cast<size_t>(value);
@@ -886,7 +902,7 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute at
     case cudaFuncAttributePreferredSharedMemoryCarveout:
       return cudaSuccess;
   }
-  return detail::record(cudaErrorInvalidValue, "cudaFuncSetAttribute: unknown attribute");
+  return emu::detail::record(cudaErrorInvalidValue, "cudaFuncSetAttribute: unknown attribute");
 }
 
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {

@@ -85,9 +85,11 @@ void dispatch_columns_per_lane(int64_t V, F&& f) {
 
 int columns_per_lane(int64_t V) { return static_cast<int>((V + 31) / 32); }
 
-bool use_small_path(int64_t B, int64_t H, int64_t V, size_t elem_size, bool with_grad) {
+// Sized for the layout with gradients whether or not this call computes them: the two paths round differently, and
+// the loss must not depend on compute_grad (a forward-only call would otherwise fit sizes the other does not).
+bool use_small_path(int64_t B, int64_t H, int64_t V, size_t elem_size) {
   if (V > kSmallMaxV || B > kSmallMaxB) return false;
-  const size_t bytes = small_layout(H, V, columns_per_lane(V), with_grad).total * elem_size;
+  const size_t bytes = small_layout(H, V, columns_per_lane(V), /*with_grad=*/true).total * elem_size;
   return bytes <= std::min(kSmallMaxSmem, cuda::device_properties()->sharedMemPerBlockOptin);
 }
 
@@ -386,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   at::Tensor row_losses = reduction == kNone ? loss : at::empty({B}, h.options());
   Grads grads;  // grad_W2 and grad_b2 are allocated by the path (the chunked one slices them from one GEMM output)
   if (compute_grad) grads.h = at::empty({B, H}, h.options());
-  if (use_small_path(B, H, V, h.element_size(), compute_grad)) {
+  if (use_small_path(B, H, V, h.element_size())) {
     if (compute_grad) {  // written whole by the kernels, unless the batch is empty
       grads.W2 = B > 0 ? at::empty({H, V}, h.options()) : at::zeros({H, V}, h.options());
       grads.b2 = B > 0 ? at::empty({V}, h.options()) : at::zeros({V}, h.options());
@@ -425,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
   const at::Tensor lse = lse_.contiguous();
   Grads grads;  // grad_W2 and grad_b2 are allocated by the path (the chunked one slices them from one GEMM output)
   grads.h = at::empty({B, H}, h.options());
-  if (use_small_path(B, H, V, h.element_size(), /*with_grad=*/true)) {
+  if (use_small_path(B, H, V, h.element_size())) {
     grads.W2 = B > 0 ? at::empty({H, V}, h.options()) : at::zeros({H, V}, h.options());
     grads.b2 = B > 0 ? at::empty({V}, h.options()) : at::zeros({V}, h.options());
     if (B > 0) {

@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make train   set up .venv (torch + this project, extension compiled), train on the default corpus
-#   make test    same set-up, then the whole test suite
+#   make test    same set-up plus the emulated CUDA kernels (charmlp_fast._C_emu), then the whole test suite
 # On a machine where torch is already installed and nothing can be downloaded (a GPU box), reuse its interpreter:
 #   make test PYTHON=python3      (installs only this project: pip install --no-build-isolation --no-deps -e .)
 
@@ -26,7 +26,7 @@ else
 SETUP_STAMP :=
 endif
 
-.PHONY: setup build train test bench clean
+.PHONY: setup build emulator train test sanitize bench clean
 
 setup: $(SETUP_STAMP) build
 
@@ -47,15 +47,38 @@ charmlp_fast/.built: $(SETUP_STAMP) setup.py pyproject.toml $(wildcard csrc/*)
 	  && echo "built charmlp_fast._C in $$(( $$(date +%s) - start )) s"
 	touch $@
 
+# The CUDA kernels built for the CPU emulator (charmlp_fast._C_emu, for the tests only; see csrc/cuda_utils.cuh):
+# the CUDA tests run on it on any machine. Its own step, so that the user's build never pays for it.
+emulator: charmlp_fast/.built_emu
+
+charmlp_fast/.built_emu: $(SETUP_STAMP) setup.py $(wildcard csrc/* csrc/emulation/* csrc/emulation/*/*)
+	@echo "building charmlp_fast._C_emu (the CUDA kernels on the CPU emulator, for the tests), about 2 minutes on 2 cores"
+	@start=$$(date +%s); CHARMLP_EMULATOR=only $(PYTHON) setup.py -q build_ext --inplace \
+	  && echo "built charmlp_fast._C_emu in $$(( $$(date +%s) - start )) s"
+	touch $@
+
 train: setup
 	$(PYTHON) -m charmlp_fast.train $(TRAIN_ARGS)
 
-test: setup
+test: setup emulator
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# The emulated CUDA kernels under AddressSanitizer + UndefinedBehaviorSanitizer (CI's sanitizer job): built
+# instrumented as charmlp_fast._C_emu_address_undefined, a representative subset of the emulated tests run with the
+# sanitizer runtime preloaded into Python (torch itself is not instrumented; leak checks would only see its caches).
+SANITIZE_TESTS ?= tests/test_cross_entropy.py tests/test_linear_cross_entropy.py tests/test_embed_linear_tanh.py \
+	tests/test_persistent.py
+SANITIZE_SELECT ?= emu and (matches_reference or non_contiguous or extreme or empty_batch or seeds_mode or side_by_side)
+
+sanitize: setup
+	CHARMLP_EMULATOR=only CHARMLP_EMULATOR_SANITIZE=address,undefined $(PYTHON) setup.py -q build_ext --inplace
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 CHARMLP_EMU_MODULE=charmlp_fast._C_emu_address_undefined \
+	  $(PYTHON) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS) -k "$(SANITIZE_SELECT)"
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ops.py
 	$(PYTHON) benchmarks/bench_train.py
 
 clean:
-	rm -rf build *.egg-info charmlp_fast/_C*.so charmlp_fast/.built
+	rm -rf build *.egg-info charmlp_fast/_C*.so charmlp_fast/.built charmlp_fast/.built_emu

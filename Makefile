@@ -70,9 +70,12 @@ SANITIZE_TESTS ?= tests/test_cross_entropy.py tests/test_linear_cross_entropy.py
 	tests/test_persistent.py
 SANITIZE_SELECT ?= emu and (matches_reference or non_contiguous or extreme or empty_batch or seeds_mode or side_by_side)
 
+# libstdc++ is preloaded with the runtime because python itself does not link it, and ASan must see its __cxa_throw.
 sanitize: setup
-	CHARMLP_EMULATOR=only CHARMLP_EMULATOR_SANITIZE=address,undefined $(PYTHON) setup.py -q build_ext --inplace
-	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
+	CHARMLP_EMULATOR=only CHARMLP_EMULATOR_SANITIZE=address,undefined \
+	  $(PYTHON) setup.py -q build_ext --inplace --build-temp build/sanitize
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 CHARMLP_EMU_MODULE=charmlp_fast._C_emu_address_undefined \
 	  $(PYTHON) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS) -k "$(SANITIZE_SELECT)"
 

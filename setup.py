@@ -78,7 +78,7 @@ def emulated_extension():
     """The CUDA kernels built for the CPU emulator: a test-only module (see the top of this file)."""
     sanitize = os.environ.get("CHARMLP_EMULATOR_SANITIZE", "")
     name = "charmlp_fast._C_emu" + ("_" + sanitize.replace(",", "_") if sanitize else "")
-    flags = ["-O2", "-pthread", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    flags = ["-O1" if sanitize else "-O2", "-pthread", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
     link = ["-pthread"]
     if sanitize:
         flags += ["-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]

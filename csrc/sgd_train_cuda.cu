@@ -29,6 +29,9 @@
 // Sizes: whatever fits the plan of csrc/sgd_train.h (plan_persistent): parameters + activations of one block in
 // the device's opt-in shared memory (227 KB on H100). Larger models (batch * hidden grows fastest) get a
 // readable error; the trainer then uses the CUDA-graph stepper (charmlp_fast/device_train.py).
+// Tested on the CPU emulator (csrc/cuda_utils.cuh): every cluster size, distributed shared memory and the
+// cp.async prefetch, against the CPU loop; only a GPU shows the timing, whether clusters are scheduled on a busy
+// or partitioned device, and the register budget at run time (ptxas's view: benchmarks/kernel_resources.py).
 #include "cuda_utils.cuh"  // first: see its header
 #include "sgd_train.h"
 

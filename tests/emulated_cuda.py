@@ -115,3 +115,12 @@ def opcheck(op: torch._ops.OpOverload, args: tuple, **kwargs) -> None:
 
     with _disable_current_modes():
         torch.library.opcheck(emulated, args, test_utils=("test_schema", "test_faketensor"), **kwargs)
+
+
+@contextlib.contextmanager
+def cpu_kernels():
+    """Within emulated_cuda(), charmlp's own CPU kernels for the block: the CPU side of a CPU-versus-CUDA test."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield

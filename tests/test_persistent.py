@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from charmlp_fast import ops, reference
-from tests.conftest import DEVICES, requires_cuda
+from tests.conftest import CUDA_KERNEL_DEVICES, DEVICES, EMU, requires_cuda, requires_emu
+from emulated_cuda import cpu_kernels
 from tests.utils import assert_close, rel_error
 
 if not ops.HAS_EXTENSION:  # pragma: no cover
@@ -141,11 +142,12 @@ def test_philox_minibatch_bits(device, seed, n):
                 assert rows[m, i, b].item() == minibatch_row(int(seeds[m]), start + i, b, n), (m, i, b)
 
 
-@requires_cuda
-def test_philox_minibatch_cpu_equals_cuda():
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+def test_philox_minibatch_cpu_equals_cuda(device):
     seeds = torch.tensor([1, 2147483647, 99])
-    cpu = device_train.philox_minibatch(seeds, 10, 50, 33, 182625)
-    cuda = device_train.philox_minibatch(seeds.cuda(), 10, 50, 33, 182625)
+    with cpu_kernels():
+        cpu = device_train.philox_minibatch(seeds, 10, 50, 33, 182625)
+    cuda = device_train.philox_minibatch(seeds.to(device), 10, 50, 33, 182625)
     assert torch.equal(cpu, cuda.cpu())
 
 
@@ -162,7 +164,8 @@ def test_philox_rows_look_uniform():
 # The CPU loop has two ways of computing its products (register-tiled SIMD below ~2 M multiply-adds per step,
 # BLAS above; CHARMLP_CPU_GEMM forces one): test both on CPU, the kernel on CUDA.
 IMPLS = [pytest.param("cpu", "simd", id="cpu-simd"), pytest.param("cpu", "blas", id="cpu-blas"),
-         pytest.param("cuda", "auto", id="cuda", marks=requires_cuda)]
+         pytest.param("cuda", "auto", id="cuda", marks=requires_cuda),
+         pytest.param(EMU, "auto", id="emu", marks=requires_emu)]
 
 
 @pytest.mark.parametrize("device,gemm", IMPLS)
@@ -444,9 +447,9 @@ def test_graph_and_persistent_steppers_sample_the_same_minibatches():
         assert rel_error(p, q) <= 1e-3, name
 
 
-@requires_cuda
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
 @pytest.mark.parametrize("cluster_size", [1, 2, 4, 8])
-def test_cuda_cluster_sizes_agree_with_cpu(cluster_size):
+def test_cuda_cluster_sizes_agree_with_cpu(device, cluster_size):
     """CUDA, every cluster size the device allows: 200 Philox steps at the seed's size agree with the CPU op."""
     reason, _ = device_train.cuda_plan(27, 3, 10, 200, 32, cluster_size=cluster_size)
     if reason:
@@ -456,9 +459,10 @@ def test_cuda_cluster_sizes_agree_with_cpu(cluster_size):
     params = init_params(V, T, E, H, seed=15, M=2)
     lrs = torch.full((200,), 0.1)
     seeds = torch.tensor([1, 2])
-    cpu_losses, cpu = run_op(params, X, Y, lrs, seeds=seeds, batch_size=B)
-    cuda_losses, cuda = run_op([p.cuda() for p in params], X.cuda(), Y.cuda(), lrs.cuda(), seeds=seeds.cuda(),
-                               batch_size=B, cluster_size=cluster_size)
+    with cpu_kernels():
+        cpu_losses, cpu = run_op(params, X, Y, lrs, seeds=seeds, batch_size=B)
+    cuda_losses, cuda = run_op([p.to(device) for p in params], X.to(device), Y.to(device), lrs.to(device),
+                               seeds=seeds.to(device), batch_size=B, cluster_size=cluster_size)
     assert_close(cuda_losses, cpu_losses, rtol=1e-3, name="losses")
     for name, p, q in zip(("C", "W1", "b1", "W2", "b2"), cuda, cpu):
         assert rel_error(p, q) <= 1e-3, name

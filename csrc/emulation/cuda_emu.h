@@ -5,18 +5,44 @@
 //
 // What it emulates, and how
 //   * Execution. A launch runs its grid cluster by cluster (block by block without a cluster). Every thread of the
-//     blocks being run is its own OS thread (pthreads, created once per launch and reused from one cluster to the
-//     next), so the threads of a block, and all blocks of a cluster, are alive and run CONCURRENTLY: a missing
-//     __syncthreads or __syncwarp gives a genuinely racy program, which shows up as a wrong answer (dynamic shared
-//     memory is poisoned with 0xFF bytes at every block start, so a read of a slot nobody wrote yet is a NaN or -1)
-//     and, in a -fsanitize=thread build, as a ThreadSanitizer data-race report.
+//     cluster being run is a FIBER on the launching OS thread: its own stack (256 KiB, 1 MiB under a sanitizer,
+//     mmap'd with a PROT_NONE guard page below it so that an overflow faults; pooled across launches), its own
+//     ThreadState and its own values of threadIdx/blockIdx/blockDim/gridDim (thread_locals the scheduler swaps at
+//     every switch, and restores for the launching thread afterwards). The threads of a block, and all blocks of a
+//     cluster, are alive together, but exactly one runs at a time: a fiber runs until it reaches a barrier (any of
+//     those below) or returns, then the next runnable one runs (cooperative scheduling, no preemption). The switch
+//     is a few instructions of assembly on x86-64 (ucontext elsewhere, or with -DCHARMLP_EMU_UCONTEXT).
+//   * Races. Between two barriers a thread's code runs without interruption, so a read of another thread's write
+//     without the barrier in between sees either the written value or the old one, by the order the threads run in;
+//     dynamic shared memory is poisoned with 0xFF bytes at every block start, so a read of a slot nobody wrote yet
+//     is a NaN or -1. The order varies so that both directions of a neighbour bug show: a cluster starts its threads
+//     in ascending (block rank, linear id) order or in descending order, by the parity of popcount(n) + cluster
+//     index for the kernel's n-th launch (the Thue-Morse sequence: no run of every k-th launch keeps one order), and
+//     every barrier releases its waiters in the order opposite to its previous release (its first release is
+//     opposite to the cluster's start order). So a thread reading the next thread's slot without a barrier is wrong
+//     in ascending order, one reading the previous slot in descending order, and any permutation (s[N-1-t], s[t^1])
+//     in both. In a -fsanitize=thread build every race is also a ThreadSanitizer data-race report (below).
 //   * Barriers. __syncthreads (and _count/_and/_or), __syncwarp, the warp intrinsics and cluster.sync() are real
-//     barriers: arrivals counted under a mutex, waiters asleep on a generation word (a futex) whose release/acquire
-//     is ThreadSanitizer's happens-before edge. A thread that returns from the kernel leaves every barrier (it no
-//     longer counts), as exited threads do on sm_70+.
-//   * Warps are 32 consecutive linear thread ids of a block. Lanes do NOT run in lockstep: code that relies on
-//     implicit warp-synchronous execution without __syncwarp races, exactly as under independent thread scheduling.
-//     A warp intrinsic is one phase of a per-warp barrier around a double-buffered per-warp exchange buffer.
+//     barriers: an arrival records itself (the value it contributes, its lane, which intrinsic) and suspends its
+//     fiber; the arrival that completes the phase makes all the waiters runnable. A thread that returns from the
+//     kernel leaves every barrier (it no longer counts), as exited threads do on sm_70+. When every live fiber of the
+//     cluster waits and none can run (threads waiting at barriers that need each other: __syncthreads against
+//     cluster.sync(), half a warp at __syncwarp and half at __syncthreads), the launch fails with
+//     cudaErrorLaunchFailure, "charmlp_emu: deadlock: ..." naming the barriers and their arrivals, instead of hanging.
+//   * ThreadSanitizer (-fsanitize=thread) knows every emulated thread as a TSan fiber (__tsan_create_fiber), switched
+//     to with __tsan_switch_to_fiber_no_sync so that a switch is NOT a happens-before edge. The only edges are the
+//     CUDA program's: each barrier arrival releases and each departure acquires (__tsan_release/__tsan_acquire on a
+//     per-barrier word, double-buffered by phase parity), atomics, and the launch's start and end. The emulator's own
+//     bookkeeping, which all fibers of the OS thread share without such edges, is hidden from it
+//     (__tsan_ignore_thread_begin/end). So a missing barrier is a data-race report, and a correct kernel gives none.
+//     TSan needs about 4 MiB per fiber: clusters of more than a few thousand threads fail under it (ENOMEM).
+//   * AddressSanitizer: switches are announced (__sanitizer_start/finish_switch_fiber) so that it knows the running
+//     stack, and an exited fiber's leftover stack poison is cleared before its stack is reused. Exceptions (device
+//     asserts, LaunchAborted) are always caught in the fiber that threw them: none unwinds across a switch.
+//   * Warps are 32 consecutive linear thread ids of a block. Lanes do NOT run in lockstep: each lane runs alone up to
+//     its next warp intrinsic, so code that relies on implicit warp-synchronous execution without __syncwarp reads
+//     stale or poisoned data, as under independent thread scheduling. A warp intrinsic is one phase of a per-warp
+//     barrier around a double-buffered per-warp exchange buffer.
 //   * Shared memory. Dynamic shared memory (extern __shared__) is a per-block allocation of exactly the launch's
 //     smem bytes (AddressSanitizer sees an overrun), reached through CHARMLP_DYNAMIC_SHARED (see below). Static
 //     __shared__ variables are function-local statics: one object per kernel instantiation, which is right because
@@ -29,7 +55,8 @@
 //     early sees stale data.
 //     Sizes other than 4, 8, 16 bytes or misaligned addresses are launch errors, as they are invalid on the GPU.
 //   * Device errors: CUDA_KERNEL_ASSERT, assert (when included after <cassert>) and __trap() inside a kernel stop
-//     the whole launch: the other threads are woken from their barriers and unwound, and the launch returns
+//     the whole launch: every fiber blocked at a barrier is resumed, its wait throws and it unwinds its own stack,
+//     threads that had not started yet never start, and the launch returns
 //     cudaErrorAssert with the condition, file, line, block and thread in the message (cudaGetErrorString of that
 //     code returns it). Never abort(). Misuse of the intrinsics (a shuffle that reads an exited or absent lane, a
 //     warp whose lanes meet at different intrinsics, a partial-warp mask, map_shared_rank of a non-shared pointer)
@@ -40,14 +67,19 @@
 //     attribute, cudaOccupancyMaxActiveClusters, cudaGetDeviceProperties / cudaDeviceGetAttribute with H100/H200
 //     figures, streams and events (no-ops: everything is synchronous), cudaGetLastError / cudaPeekAtLastError.
 //   * atomics through std::atomic_ref (seq_cst), __threadfence as a seq_cst fence, math intrinsics onto <cmath>.
-//   * Launches are synchronous, serialised (one at a time in the process) and not re-entrant. They are slow: every
-//     barrier wakes its threads through the OS scheduler, about 5 ms per 256-thread block with a few shuffles on two
-//     cores. Emulate test-sized problems, never benchmarks. A cluster of 16 blocks of 1024 threads is 16384 OS
-//     threads (ThreadSanitizer allows about 8000 live threads).
+//   * Launches are synchronous, serialised (one at a time in the process) and not re-entrant, and use one core. A
+//     barrier costs about 60 ns per thread (a switch and the bookkeeping): measured on two busy cores, 100 blocks of
+//     256 threads with 5 shuffles and 4 __syncthreads take 15 ms per launch (0.45 s with the former OS thread per
+//     CUDA thread), 50 blocks of 512 threads with 20 __syncthreads 29 ms (0.9-1.1 s), and a one-block launch of 128
+//     threads 0.05 ms (8 ms). Still emulate test-sized problems, never benchmarks. A cluster of 16 blocks of 1024
+//     threads is 16384 fibers (virtual memory for their stacks: 4 GiB, 16 GiB under a sanitizer).
 //
 // What only a real GPU shows: timing and occupancy (cudaOccupancyMaxActiveClusters is an estimate from the per-SM
 // limits), the real (weaker) memory ordering and warp-synchronous timing of the hardware (the emulator's barriers
 // and atomics are sequentially consistent, so a missing fence shows up only as a race report, never as a reordering),
+// interleavings inside a barrier interval (threads never interleave between two barriers here, so a non-atomic
+// read-modify-write of one shared word by many threads, s[0] += x, gives the right sum; only ThreadSanitizer reports
+// it),
 // cluster scheduling
 // on a partitioned or shared GPU (MIG, MPS), register and __launch_bounds__ limits (no-ops here), the static + dynamic
 // shared memory total (the emulator cannot size static __shared__), sticky errors (a device assert here does not
@@ -75,8 +107,9 @@
 //     <cuda_pipeline.h> resolve to forwarding headers that include this one.
 //
 // Not supported: warp masks that leave out live lanes of the warp (e.g. 0x0000ffff), barriers reached by lanes in
-// different places of the code (detected for warps, not for __syncthreads), grid-wide cooperative launches, textures,
-// half-precision intrinsics, more than one device.
+// different places of the code (detected for warps, not for __syncthreads), spin-waiting on a value another thread
+// of the launch writes (no preemption: the spinning fiber never lets the writer run, and the launch hangs), grid-wide
+// cooperative launches, textures, half-precision intrinsics, more than one device.
 #pragma once
 
 #ifndef CHARMLP_EMULATE_CUDA
@@ -116,7 +149,8 @@ cudaError_t launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, dim
 
 #else  // CHARMLP_EMULATE_CUDA
 
-#include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -126,6 +160,7 @@ cudaError_t launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, dim
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -138,8 +173,39 @@ cudaError_t launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, dim
 #include <utility>
 #include <vector>
 
+// Sanitizers the fibers must be announced to (see "Execution" at the top).
+#if defined(__SANITIZE_THREAD__)
+#define CHARMLP_EMU_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define CHARMLP_EMU_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define CHARMLP_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CHARMLP_EMU_ASAN 1
+#endif
+#endif
+#ifdef CHARMLP_EMU_TSAN
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_ignore_thread_begin(void);  // exported by the runtime, absent from some interface headers
+extern "C" void __tsan_ignore_thread_end(void);
+#endif
+#ifdef CHARMLP_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+// The context switch: a few instructions of assembly on x86-64, ucontext elsewhere (or with CHARMLP_EMU_UCONTEXT).
+#if defined(__x86_64__) && !defined(CHARMLP_EMU_UCONTEXT)
+#define CHARMLP_EMU_ASM_SWITCH 1
+#else
+#include <ucontext.h>
+#endif
+
 // ---- qualifiers ---------------------------------------------------------------------------------------------------
-// Every function is an ordinary host function; kernels are called by the launcher's threads.
+// Every function is an ordinary host function; kernels are called by the launcher's fibers.
 
 #define __global__
 #define __device__
@@ -164,7 +230,7 @@ struct dim3 {
   constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
 };
 
-// The built-in variables: every emulated thread has its own (thread_local), set by the launcher.
+// The built-in variables: every emulated thread has its own (thread_locals the scheduler sets at each fiber switch).
 inline thread_local uint3 threadIdx{};
 inline thread_local uint3 blockIdx{};
 inline thread_local dim3 blockDim{};
@@ -287,6 +353,32 @@ struct DeviceLimits {
 
 namespace detail {
 
+// ---- sanitizer hooks ----------------------------------------------------------------------------------------------
+// ThreadSanitizer: every emulated thread is a TSan fiber, switched to WITHOUT synchronisation, so that the only
+// happens-before edges between emulated threads are the CUDA program's own: barrier phases (a release on arrival, an
+// acquire on departure), atomics, and the launch's start and end. The emulator's bookkeeping (barrier counters, the
+// run queue, the built-in variables it swaps at every switch) is shared by all fibers of the launching OS thread with
+// no such edges, by design, so it is hidden from TSan (IgnoreAccesses).
+
+#ifdef CHARMLP_EMU_TSAN
+inline void tsan_acquire(void* a) { __tsan_acquire(a); }
+inline void tsan_release(void* a) { __tsan_release(a); }
+struct IgnoreAccesses {
+  IgnoreAccesses() { __tsan_ignore_thread_begin(); }
+  ~IgnoreAccesses() { __tsan_ignore_thread_end(); }
+  IgnoreAccesses(const IgnoreAccesses&) = delete;
+  IgnoreAccesses& operator=(const IgnoreAccesses&) = delete;
+};
+#else
+inline void tsan_acquire(void*) {}
+inline void tsan_release(void*) {}
+struct IgnoreAccesses {
+  IgnoreAccesses() {}  // not `= default`: a guard that is never "used" would warn
+  IgnoreAccesses(const IgnoreAccesses&) = delete;
+  IgnoreAccesses& operator=(const IgnoreAccesses&) = delete;
+};
+#endif
+
 // ---- per-launch state ---------------------------------------------------------------------------------------------
 
 // Thrown by a device-side failure in the failing thread, and into every other thread of an aborted launch.
@@ -296,11 +388,16 @@ struct KernelTrap {
 };
 struct LaunchAborted {};
 
-// A reusable barrier that can be aborted, and that combines one value per arriving thread (the sum, for
+struct Fiber;
+class Scheduler;
+
+// A reusable barrier among the fibers of one cluster that combines one value per arriving thread (the sum, for
 // __syncthreads_count and __ballot_sync) and a tag (which intrinsic each thread arrived at, to catch divergence).
-// Arrivals are counted under a mutex; waiters sleep on the generation word (std::atomic::wait: a futex), so that a
-// release wakes them without a convoy on the mutex. The release/acquire on that word is the happens-before edge
-// ThreadSanitizer sees from every write before the barrier to every read after it.
+// An arrival records itself and suspends its fiber; the arrival that completes the phase makes every waiter runnable
+// again, in ascending or descending thread order, alternately from one phase to the next (the first phase in the
+// order opposite to the one its cluster started in). For ThreadSanitizer each arrival is a release and each departure
+// an acquire on the phase's sync word: two words, by the phase's parity, so that an arrival at the next phase cannot
+// hand its newer writes to a thread that has not left this one yet.
 class Barrier {
  public:
   struct Phase {
@@ -310,75 +407,44 @@ class Barrier {
     bool diverged = false;
   };
 
-  // Only while no thread is inside the barrier.
-  void reset(int64_t expected, const std::atomic<bool>* aborted) {
+  // Only while no thread is inside the barrier. `kind` and `index` name it in a deadlock report.
+  void reset(int64_t expected, Scheduler* sched, bool reverse_first, const char* kind, int64_t index = -1) {
+    sched_ = sched;
+    kind_ = kind;
+    index_ = index;
     expected_ = expected;
     count_ = 0;
-    cur_ = Phase{};
-    aborted_ = aborted;
-  }
-  void set_completion(std::function<void()> f) { on_complete_ = std::move(f); }
-
-  Phase arrive_and_wait(uint64_t value = 0, uint32_t lane_bit = 0, int tag = 0) {
-    uint32_t gen;
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      if (aborted_ != nullptr && aborted_->load()) throw LaunchAborted{};
-      if (count_ == 0) {
-        tag_ = tag;
-      } else if (tag != tag_) {
-        cur_.diverged = true;
-      }
-      cur_.sum += value;
-      cur_.lanes |= lane_bit;
-      ++cur_.arrived;
-      if (++count_ == expected_) {
-        complete();
-        return last_;
-      }
-      gen = gen_.load(std::memory_order_relaxed);
-    }
-    uint32_t now;
-    while ((now = gen_.load(std::memory_order_acquire)) == gen) gen_.wait(gen, std::memory_order_acquire);
-    if (now & kAbortBit) throw LaunchAborted{};
-    return last_;  // stable: the next phase cannot complete before this thread arrives again
+    tag_ = 0;
+    reverse_next_ = reverse_first;
+    phase_ = 0;
+    cur_ = last_ = Phase{};
+    waiters_.clear();
+    waiters_.reserve(static_cast<size_t>(expected));
   }
 
+  Phase arrive_and_wait(uint64_t value = 0, uint32_t lane_bit = 0, int tag = 0);
   // The calling thread leaves for good (it returned from the kernel).
-  void drop() {
-    std::lock_guard<std::mutex> lk(m_);
-    --expected_;
-    if (count_ > 0 && count_ == expected_) complete();
-  }
+  void drop();
 
-  void wake_for_abort() {
-    gen_.fetch_or(kAbortBit);
-    gen_.notify_all();
-  }
+  const char* kind() const { return kind_; }
+  int64_t index() const { return index_; }
+  int64_t arrived() const { return count_; }
+  int64_t expected() const { return expected_; }
 
  private:
-  static constexpr uint32_t kAbortBit = 0x80000000u;
+  void complete();
 
-  // Under m_. The new generation keeps an abort bit that a concurrent wake_for_abort may have set.
-  void complete() {
-    last_ = cur_;
-    cur_ = Phase{};
-    count_ = 0;
-    if (on_complete_) on_complete_();
-    uint32_t g = gen_.load(std::memory_order_relaxed);
-    while (!gen_.compare_exchange_weak(g, (g & kAbortBit) | ((g + 1) & ~kAbortBit), std::memory_order_release)) {
-    }
-    gen_.notify_all();
-  }
-
-  std::mutex m_;
-  std::atomic<uint32_t> gen_{0};
+  Scheduler* sched_ = nullptr;
+  const char* kind_ = "";
+  int64_t index_ = -1;
   int64_t expected_ = 0;
   int64_t count_ = 0;
   int tag_ = 0;
+  bool reverse_next_ = false;
+  uint64_t phase_ = 0;
   Phase cur_, last_;
-  const std::atomic<bool>* aborted_ = nullptr;
-  std::function<void()> on_complete_;
+  std::vector<Fiber*> waiters_;
+  char sync_[2] = {};  // ThreadSanitizer's sync objects, by phase parity (only their addresses matter)
 };
 
 struct WarpState {
@@ -394,7 +460,7 @@ struct BlockState {
   unsigned char* smem = nullptr;
   Barrier barrier;
   std::vector<std::unique_ptr<WarpState>> warps;
-  std::atomic<int64_t> live{0};  // threads that have not returned yet
+  std::atomic<int64_t> live{0};  // threads that have not returned yet (its acq_rel chain orders the exit poisoning)
 };
 
 struct Launch {
@@ -412,10 +478,8 @@ struct Launch {
 
   std::vector<std::unique_ptr<BlockState>> blocks;  // one per block of the running cluster
   Barrier cluster_barrier;
-  Barrier control;           // all workers, between clusters; its completion sets up the next cluster
-  int64_t next_cluster = 0;  // guarded by control
-  bool finished = false;     // guarded by control
 
+  // The scheduler resumes every blocked thread of an aborted launch, whose wait then throws LaunchAborted.
   void fail(cudaError_t c, std::string msg) {
     {
       std::lock_guard<std::mutex> lk(error_m);
@@ -424,11 +488,6 @@ struct Launch {
       message = std::move(msg);
     }
     aborted.store(true);
-    cluster_barrier.wake_for_abort();
-    for (auto& b : blocks) {
-      b->barrier.wake_for_abort();
-      for (auto& w : b->warps) w->barrier.wake_for_abort();
-    }
   }
 };
 
@@ -442,6 +501,7 @@ struct AsyncCopy {
 struct ThreadState {
   Launch* launch = nullptr;
   BlockState* block = nullptr;
+  Fiber* fiber = nullptr;
   int64_t linear = 0;  // thread id in the block
   int64_t lane = 0;
   int64_t warp = 0;
@@ -450,7 +510,332 @@ struct ThreadState {
   std::vector<std::vector<AsyncCopy>> committed;  // oldest first
 };
 
+// The running emulated thread's state: swapped by the scheduler at every fiber switch, with the built-in variables.
 inline thread_local ThreadState* tl_state = nullptr;
+
+// ---- fibers ---------------------------------------------------------------------------------------------------------
+
+// A fiber's stack: [lo, lo + bytes), with an inaccessible guard page below it so that an overflow faults.
+struct FiberStack {
+  unsigned char* map = nullptr;
+  size_t map_bytes = 0;
+  unsigned char* lo = nullptr;
+  size_t bytes = 0;
+};
+
+#if defined(CHARMLP_EMU_ASAN) || defined(CHARMLP_EMU_TSAN)
+constexpr size_t kFiberStackBytes = size_t(1) << 20;  // instrumented frames are larger
+#else
+constexpr size_t kFiberStackBytes = size_t(256) << 10;  // kernels keep small frames
+#endif
+
+struct FiberContext {
+#ifdef CHARMLP_EMU_ASM_SWITCH
+  void* sp = nullptr;  // where the switch saved the registers
+#else
+  ucontext_t uc;
+  void (*entry)(void*) = nullptr;
+  void* arg = nullptr;
+#endif
+};
+
+#ifdef CHARMLP_EMU_ASM_SWITCH
+// Pushes the callee-saved registers, MXCSR and the x87 control word, stores the stack pointer in *save, switches to
+// the stack `to` and pops the same from there (System V x86-64: every other register is caller-saved).
+[[gnu::naked, gnu::noinline]] inline void context_switch_asm(void** /*save*/, void* /*to*/) {
+  asm volatile(
+      "pushq %rbp\n\t"
+      "pushq %rbx\n\t"
+      "pushq %r12\n\t"
+      "pushq %r13\n\t"
+      "pushq %r14\n\t"
+      "pushq %r15\n\t"
+      "subq $8, %rsp\n\t"
+      "stmxcsr (%rsp)\n\t"
+      "fnstcw 4(%rsp)\n\t"
+      "movq %rsp, (%rdi)\n\t"
+      "movq %rsi, %rsp\n\t"
+      "ldmxcsr (%rsp)\n\t"
+      "fldcw 4(%rsp)\n\t"
+      "addq $8, %rsp\n\t"
+      "popq %r15\n\t"
+      "popq %r14\n\t"
+      "popq %r13\n\t"
+      "popq %r12\n\t"
+      "popq %rbx\n\t"
+      "popq %rbp\n\t"
+      "ret\n\t");
+}
+// A new context's first switch returns here: r13 holds the entry function, r12 its argument. The entry never returns.
+[[gnu::naked, gnu::noinline]] inline void context_start_asm() {
+  asm volatile(
+      "movq %r12, %rdi\n\t"
+      "callq *%r13\n\t"
+      "ud2\n\t");
+}
+inline void context_make(FiberContext& c, const FiberStack& s, void (*entry)(void*), void* arg) {
+  const uintptr_t top = reinterpret_cast<uintptr_t>(s.lo + s.bytes) & ~uintptr_t{15};
+  auto* sp = reinterpret_cast<uint64_t*>(top - 80);  // 16 bytes of headroom, then the frame the switch pops
+  uint32_t mxcsr = 0;
+  uint16_t fpcw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpcw));
+  sp[0] = mxcsr | (uint64_t{fpcw} << 32);
+  sp[1] = 0;                                       // r15
+  sp[2] = 0;                                       // r14
+  sp[3] = reinterpret_cast<uintptr_t>(entry);      // r13
+  sp[4] = reinterpret_cast<uintptr_t>(arg);        // r12
+  sp[5] = 0;                                       // rbx
+  sp[6] = 0;                                       // rbp: ends frame-pointer stack walks (sanitizer reports)
+  sp[7] = reinterpret_cast<uintptr_t>(&context_start_asm);  // the return address; then rsp is 16-byte aligned
+  c.sp = sp;
+}
+inline void context_switch(FiberContext& from, FiberContext& to) { context_switch_asm(&from.sp, to.sp); }
+inline const unsigned char* context_sp(const FiberContext& c) { return static_cast<const unsigned char*>(c.sp); }
+#else
+inline void context_entry_uc(unsigned hi, unsigned lo) {
+  auto* c = reinterpret_cast<FiberContext*>(static_cast<uintptr_t>((uint64_t{hi} << 32) | lo));
+  c->entry(c->arg);
+}
+inline void context_make(FiberContext& c, const FiberStack& s, void (*entry)(void*), void* arg) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = s.lo;
+  c.uc.uc_stack.ss_size = s.bytes;
+  c.uc.uc_link = nullptr;
+  c.entry = entry;
+  c.arg = arg;
+  const uint64_t p = reinterpret_cast<uintptr_t>(&c);
+  makecontext(&c.uc, reinterpret_cast<void (*)()>(&context_entry_uc), 2, static_cast<unsigned>(p >> 32),
+              static_cast<unsigned>(p));
+}
+inline void context_switch(FiberContext& from, FiberContext& to) { swapcontext(&from.uc, &to.uc); }
+inline const unsigned char* context_sp(const FiberContext&) { return nullptr; }  // unknown
+#endif
+
+struct Fiber {
+  enum Run : unsigned char { kNew, kRunnable, kBlocked, kDone };
+  FiberContext ctx;
+  FiberStack stack;
+  ThreadState state;
+  uint3 thread_index{};
+  int64_t id = 0;  // the thread's rank in its cluster (block rank * threads per block + linear id)
+  Run run = kNew;
+  Barrier* waiting_at = nullptr;
+  Scheduler* sched = nullptr;
+  void* tsan = nullptr;             // its ThreadSanitizer fiber
+  void* asan_fake_stack = nullptr;  // AddressSanitizer's fake stack while it is switched out
+};
+
+// Runs the fibers of one cluster on the launching thread, one at a time, each until it waits at a barrier or exits.
+class Scheduler {
+ public:
+  Launch* launch = nullptr;
+  std::unique_ptr<Fiber[]> fibers;
+  int64_t n = 0;  // fibers per cluster
+  std::deque<Fiber*> runq;
+  FiberContext ctx;  // the launching thread's
+  const void* asan_bottom = nullptr;
+  size_t asan_size = 0;
+  void* tsan_self = nullptr;
+  char start_sync = 0, exit_sync = 0;  // ThreadSanitizer: launcher -> threads at their start, threads -> launcher
+
+  bool aborted() const { return launch->aborted.load(std::memory_order_relaxed); }
+
+  void make_runnable(Fiber& f) {
+    f.run = Fiber::kRunnable;
+    f.waiting_at = nullptr;
+    runq.push_back(&f);
+  }
+
+  // Launching thread: runs f until it suspends; sets the built-in variables for it.
+  void resume(Fiber& f) {
+    tl_state = &f.state;
+    ::threadIdx = f.thread_index;
+    ::blockIdx = f.state.block->index;
+#ifdef CHARMLP_EMU_TSAN
+    __tsan_switch_to_fiber(f.tsan, __tsan_switch_to_fiber_no_sync);
+#endif
+#ifdef CHARMLP_EMU_ASAN
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, f.stack.lo, f.stack.bytes);
+#endif
+    context_switch(ctx, f.ctx);
+#ifdef CHARMLP_EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+  }
+
+  // In fiber f: back to the launching thread, until f is resumed (never, when it is exiting).
+  void suspend(Fiber& f, [[maybe_unused]] bool exiting) {
+#ifdef CHARMLP_EMU_TSAN
+    void* to;
+    {
+      IgnoreAccesses ig;  // an exiting fiber has released its last accesses already
+      to = tsan_self;
+    }
+    __tsan_switch_to_fiber(to, __tsan_switch_to_fiber_no_sync);
+#endif
+#ifdef CHARMLP_EMU_ASAN
+    __sanitizer_start_switch_fiber(exiting ? nullptr : &f.asan_fake_stack, asan_bottom, asan_size);
+#endif
+    context_switch(f.ctx, ctx);
+#ifdef CHARMLP_EMU_ASAN
+    __sanitizer_finish_switch_fiber(f.asan_fake_stack, &asan_bottom, &asan_size);
+#endif
+  }
+
+  // Until every fiber of the cluster has exited. A failure resumes every blocked fiber (its wait throws
+  // LaunchAborted, so it unwinds its own stack) and drops the ones that never started; an empty run queue while
+  // fibers are blocked is a deadlock, which fails the launch the same way.
+  void run() {
+    int64_t done = 0;
+    bool woken = false;
+    while (done < n) {
+      if (!woken && aborted()) {
+        woken = true;
+        for (int64_t i = 0; i < n; ++i) {
+          if (fibers[i].run == Fiber::kBlocked) make_runnable(fibers[i]);
+        }
+      }
+      if (runq.empty()) {
+        if (!aborted()) {
+          launch->fail(cudaErrorLaunchFailure, deadlock_message());
+          continue;
+        }
+        launch->fail(cudaErrorLaunchFailure, "charmlp_emu: internal error: blocked threads in an aborted launch");
+        break;
+      }
+      Fiber& f = *runq.front();
+      runq.pop_front();
+      if (f.run == Fiber::kNew && aborted()) {
+        f.run = Fiber::kDone;
+        ++done;
+        continue;
+      }
+      resume(f);
+      if (f.run == Fiber::kDone) {
+        ++done;
+        unpoison_stack(f);
+      }
+    }
+    runq.clear();
+  }
+
+ private:
+  // AddressSanitizer: the frames still on an exited fiber's stack (it left by a switch, not by returning) keep their
+  // redzones' poison; the next fiber on that stack must not inherit it.
+  static void unpoison_stack([[maybe_unused]] const Fiber& f) {
+#ifdef CHARMLP_EMU_ASAN
+    const unsigned char* sp = context_sp(f.ctx);
+    const unsigned char* lo = sp == nullptr ? f.stack.lo : std::max<const unsigned char*>(f.stack.lo, sp - 256);
+    __asan_unpoison_memory_region(lo, static_cast<size_t>(f.stack.lo + f.stack.bytes - lo));
+#endif
+  }
+
+  static std::string thread_name(const Fiber& f) {
+    char buf[96];
+    const uint3 b = f.state.block->index;
+    std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", b.x, b.y, b.z, f.thread_index.x,
+                  f.thread_index.y, f.thread_index.z);
+    return buf;
+  }
+
+  std::string deadlock_message() const {
+    struct Group {
+      const Barrier* barrier;
+      const Fiber* first;
+      int64_t threads;
+    };
+    std::vector<Group> groups;
+    int64_t blocked = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const Fiber& f = fibers[i];
+      if (f.run != Fiber::kBlocked) continue;
+      ++blocked;
+      auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& x) { return x.barrier == f.waiting_at; });
+      if (g == groups.end()) {
+        groups.push_back({f.waiting_at, &f, 1});
+      } else {
+        ++g->threads;
+      }
+    }
+    std::string m = "charmlp_emu: deadlock: " + std::to_string(blocked) +
+                    " threads wait at barriers that can never complete (threads that wait at different barriers "
+                    "never release each other; exited threads leave every barrier):";
+    for (size_t k = 0; k < groups.size() && k < 4; ++k) {
+      const Group& g = groups[k];
+      m += (k == 0 ? " " : "; ") + std::to_string(g.threads) + " at " + g.barrier->kind();
+      if (g.barrier->index() >= 0) m += " " + std::to_string(g.barrier->index());
+      m += " (" + std::to_string(g.barrier->arrived()) + " of " + std::to_string(g.barrier->expected()) +
+           " arrived; first " + thread_name(*g.first) + ")";
+    }
+    if (groups.size() > 4) m += "; ...";
+    return m;
+  }
+};
+
+inline Barrier::Phase Barrier::arrive_and_wait(uint64_t value, uint32_t lane_bit, int tag) {
+  if (sched_->aborted()) throw LaunchAborted{};
+  Fiber& me = *tl_state->fiber;
+  uint64_t phase;
+  {
+    IgnoreAccesses ig;
+    if (count_ == 0) {
+      tag_ = tag;
+    } else if (tag != tag_) {
+      cur_.diverged = true;
+    }
+    cur_.sum += value;
+    cur_.lanes |= lane_bit;
+    ++cur_.arrived;
+    phase = phase_;
+    me.run = Fiber::kBlocked;
+    me.waiting_at = this;
+    waiters_.push_back(&me);
+    tsan_release(&sync_[phase & 1]);
+    if (++count_ == expected_) complete();
+  }
+  sched_->suspend(me, false);
+  if (sched_->aborted()) throw LaunchAborted{};
+  tsan_acquire(&sync_[phase & 1]);
+  IgnoreAccesses ig;
+  return last_;  // stable: the next phase cannot complete before this thread arrives again
+}
+
+inline void Barrier::drop() {
+  IgnoreAccesses ig;
+  tsan_release(&sync_[phase_ & 1]);
+  --expected_;
+  if (count_ > 0 && count_ == expected_) complete();
+}
+
+// Under IgnoreAccesses. In an aborted launch the waiters stay blocked: the scheduler resumes them all to unwind.
+inline void Barrier::complete() {
+  last_ = cur_;
+  cur_ = Phase{};
+  count_ = 0;
+  ++phase_;
+  if (!sched_->aborted()) {
+    const auto asc = [](const Fiber* a, const Fiber* b) { return a->id < b->id; };
+    const auto desc = [](const Fiber* a, const Fiber* b) { return a->id > b->id; };
+    if (reverse_next_) {
+      if (std::is_sorted(waiters_.begin(), waiters_.end(), asc)) {
+        std::reverse(waiters_.begin(), waiters_.end());
+      } else if (!std::is_sorted(waiters_.begin(), waiters_.end(), desc)) {
+        std::sort(waiters_.begin(), waiters_.end(), desc);
+      }
+    } else {
+      if (std::is_sorted(waiters_.begin(), waiters_.end(), desc)) {
+        std::reverse(waiters_.begin(), waiters_.end());
+      } else if (!std::is_sorted(waiters_.begin(), waiters_.end(), asc)) {
+        std::sort(waiters_.begin(), waiters_.end(), asc);
+      }
+    }
+    for (Fiber* f : waiters_) sched_->make_runnable(*f);
+  }
+  reverse_next_ = !reverse_next_;
+  waiters_.clear();
+}
 
 inline ThreadState& self() {
   if (tl_state == nullptr) throw std::logic_error("charmlp_emu: a device intrinsic was called outside a kernel");
@@ -822,12 +1207,14 @@ namespace charmlp_emu::detail {
 struct FuncAttributes {
   size_t max_dynamic_smem = DeviceLimits::kDefaultSmemPerBlock;
   bool non_portable_cluster = false;
+  uint64_t launches = 0;  // so far: its parity picks the thread order a launch starts in
 };
 
 struct Runtime {
   std::mutex m;
   std::unordered_map<const void*, FuncAttributes> funcs;  // keyed by the kernel's address
   std::mutex launch_m;  // one launch at a time: the device's work is serial, and static __shared__ is global
+  std::vector<FiberStack> stacks;  // pooled fiber stacks, under launch_m
 };
 
 inline Runtime& runtime() {
@@ -850,6 +1237,11 @@ inline FuncAttributes attributes_of(const void* f) {
   std::lock_guard<std::mutex> lk(runtime().m);
   const auto it = runtime().funcs.find(f);
   return it == runtime().funcs.end() ? FuncAttributes{} : it->second;
+}
+
+inline uint64_t next_launch_number(const void* f) {
+  std::lock_guard<std::mutex> lk(runtime().m);
+  return runtime().funcs[f].launches++;
 }
 
 }  // namespace charmlp_emu::detail
@@ -997,17 +1389,55 @@ inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_
 
 namespace charmlp_emu::detail {
 
-constexpr size_t kWorkerStack = size_t(1) << 20;  // kernels keep small frames; sanitizers need some headroom
-
 inline void poison(unsigned char* p, size_t n) { std::memset(p, kPoison, n); }
 
-// Runs in the last worker to reach the control barrier: checks the finished cluster, sets up the next one.
-inline void setup_next_cluster(Launch& L) {
-  if (L.aborted.load() || L.next_cluster == L.clusters) {
-    L.finished = true;
-    return;
+// The body of one emulated thread, in its fiber: the kernel, then it leaves every barrier. Nothing escapes it: an
+// exception never unwinds across a context switch.
+inline void run_thread(Fiber& f) noexcept {
+  ThreadState& t = f.state;
+  Launch& L = *t.launch;
+  BlockState& b = *t.block;
+  try {
+    L.body();
+    __pipeline_commit();  // copies still in flight at exit, committed or not, land anyway
+    __pipeline_wait_prior(0);
+  } catch (const KernelTrap& e) {
+    L.fail(e.code, e.message);
+  } catch (const LaunchAborted&) {
+  } catch (const std::exception& e) {
+    L.fail(cudaErrorLaunchFailure, std::string("charmlp_emu: exception in a kernel: ") + e.what() + where());
+  } catch (...) {
+    L.fail(cudaErrorLaunchFailure, "charmlp_emu: exception in a kernel" + where());
   }
-  const int64_t c = L.next_cluster++;
+  t.uncommitted.clear();
+  t.committed.clear();
+  b.warps[t.warp]->barrier.drop();
+  b.barrier.drop();
+  L.cluster_barrier.drop();
+  // The last thread of a cluster's block: its shared memory is gone, so a peer still reading it sees poison.
+  if (b.live.fetch_sub(1) == 1 && L.blocks_per_cluster > 1) poison(b.smem, L.smem_bytes);
+}
+
+inline void fiber_main(void* arg) noexcept {
+  Fiber& f = *static_cast<Fiber*>(arg);
+  Scheduler& S = *f.sched;
+#ifdef CHARMLP_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &S.asan_bottom, &S.asan_size);
+#endif
+  tsan_acquire(&S.start_sync);
+  run_thread(f);
+  tsan_release(&S.exit_sync);
+  {
+    IgnoreAccesses ig;
+    f.run = Fiber::kDone;
+  }
+  S.suspend(f, true);
+  std::abort();  // an exited fiber is never resumed
+}
+
+// Sets up cluster c: block indices, poisoned shared memory, barriers, and a fresh fiber per thread, queued in
+// ascending thread order, or descending when `reverse`.
+inline void setup_cluster(Launch& L, Scheduler& S, int64_t c, bool reverse) {
   const int64_t ncx = L.grid.x / L.cluster.x, ncy = L.grid.y / L.cluster.y;
   const int64_t cx = c % ncx, cy = (c / ncx) % ncy, cz = c / (ncx * ncy);
   for (int64_t r = 0; r < L.blocks_per_cluster; ++r) {
@@ -1017,66 +1447,120 @@ inline void setup_next_cluster(Launch& L) {
     b.index = uint3{static_cast<unsigned>(cx * L.cluster.x + lx), static_cast<unsigned>(cy * L.cluster.y + ly),
                     static_cast<unsigned>(cz * L.cluster.z + lz)};
     poison(b.smem, L.smem_bytes);
-    b.barrier.reset(L.threads_per_block, &L.aborted);
+    b.barrier.reset(L.threads_per_block, &S, !reverse, "__syncthreads");
     for (int64_t w = 0; w < static_cast<int64_t>(b.warps.size()); ++w) {
-      b.warps[w]->barrier.reset(std::min<int64_t>(32, L.threads_per_block - 32 * w), &L.aborted);
+      b.warps[w]->barrier.reset(std::min<int64_t>(32, L.threads_per_block - 32 * w), &S, !reverse,
+                                "__syncwarp/shuffle/vote of warp", w);
     }
     b.live.store(L.threads_per_block);
   }
-  L.cluster_barrier.reset(L.blocks_per_cluster * L.threads_per_block, &L.aborted);
+  L.cluster_barrier.reset(S.n, &S, !reverse, "cluster.sync()");
+  for (int64_t i = 0; i < S.n; ++i) {
+    Fiber& f = S.fibers[i];
+    f.state = ThreadState{};
+    ThreadState& t = f.state;
+    t.launch = &L;
+    t.block = L.blocks[i / L.threads_per_block].get();
+    t.fiber = &f;
+    t.linear = i % L.threads_per_block;
+    t.lane = t.linear % 32;
+    t.warp = t.linear / 32;
+    f.thread_index = uint3{static_cast<unsigned>(t.linear % L.block.x),
+                           static_cast<unsigned>((t.linear / L.block.x) % L.block.y),
+                           static_cast<unsigned>(t.linear / (int64_t{L.block.x} * L.block.y))};
+    f.id = i;
+    f.run = Fiber::kNew;
+    f.waiting_at = nullptr;
+    f.sched = &S;
+    f.asan_fake_stack = nullptr;
+    context_make(f.ctx, f.stack, &fiber_main, &f);
+#ifdef CHARMLP_EMU_TSAN
+    f.tsan = __tsan_create_fiber(0);
+    char name[96];
+    std::snprintf(name, sizeof name, "block (%u,%u,%u) thread (%u,%u,%u)", t.block->index.x, t.block->index.y,
+                  t.block->index.z, f.thread_index.x, f.thread_index.y, f.thread_index.z);
+    __tsan_set_fiber_name(f.tsan, name);
+#endif
+  }
+  for (int64_t i = 0; i < S.n; ++i) S.runq.push_back(&S.fibers[reverse ? S.n - 1 - i : i]);
 }
 
-inline void run_worker(Launch& L, int64_t worker) {
-  ThreadState t;
-  t.launch = &L;
-  t.linear = worker % L.threads_per_block;
-  t.lane = t.linear % 32;
-  t.warp = t.linear / 32;
-  BlockState& b = *L.blocks[worker / L.threads_per_block];
-  t.block = &b;
-  tl_state = &t;
+// Fiber stacks: mapped once, pooled across launches (under the launch mutex).
+inline bool map_stack(FiberStack& s) {
+  const size_t guard = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+#ifdef MAP_NORESERVE
+  flags |= MAP_NORESERVE;
+#endif
+#ifdef MAP_STACK
+  flags |= MAP_STACK;
+#endif
+  void* p = mmap(nullptr, guard + kFiberStackBytes, PROT_READ | PROT_WRITE, flags, -1, 0);
+  if (p == MAP_FAILED) return false;
+  if (mprotect(p, guard, PROT_NONE) != 0) {
+    munmap(p, guard + kFiberStackBytes);
+    return false;
+  }
+  s.map = static_cast<unsigned char*>(p);
+  s.map_bytes = guard + kFiberStackBytes;
+  s.lo = s.map + guard;
+  s.bytes = kFiberStackBytes;
+  return true;
+}
+
+constexpr size_t kPooledStacks = 4096;  // kept mapped between launches (a 16-block cluster of 1024 needs 16384)
+
+inline bool take_stacks(std::vector<FiberStack>& pool, Scheduler& S) {
+  for (int64_t i = 0; i < S.n; ++i) {
+    if (!pool.empty()) {
+      S.fibers[i].stack = pool.back();
+      pool.pop_back();
+    } else if (!map_stack(S.fibers[i].stack)) {
+      for (int64_t j = 0; j < i; ++j) pool.push_back(S.fibers[j].stack);
+      return false;
+    }
+  }
+  return true;
+}
+
+inline void give_stacks(std::vector<FiberStack>& pool, Scheduler& S) {
+  for (int64_t i = 0; i < S.n; ++i) {
+    if (pool.size() < kPooledStacks) {
+      pool.push_back(S.fibers[i].stack);
+    } else {
+      munmap(S.fibers[i].stack.map, S.fibers[i].stack.map_bytes);
+    }
+  }
+}
+
+// Runs the clusters one after another on this (the launching) thread, whose built-in variables and tl_state are
+// restored afterwards. Cluster c of the kernel's launch number `seq` starts in reverse thread order when
+// popcount(seq) + c is odd: the Thue-Morse sequence, which no arithmetic progression of launches (every launch, every
+// other one, ...) keeps constant, so a test that alternates a right and a wrong launch still sees both orders.
+inline void run_clusters(Launch& L, Scheduler& S, uint64_t seq) {
+  IgnoreAccesses ig;  // the scheduler's own bookkeeping (see "sanitizer hooks")
+  ThreadState* const saved_state = tl_state;
+  const uint3 saved_thread = ::threadIdx, saved_block = ::blockIdx;
+  const dim3 saved_block_dim = ::blockDim, saved_grid_dim = ::gridDim;
+#ifdef CHARMLP_EMU_TSAN
+  S.tsan_self = __tsan_get_current_fiber();
+#endif
   ::blockDim = L.block;
   ::gridDim = L.grid;
-  ::threadIdx = uint3{static_cast<unsigned>(t.linear % L.block.x),
-                      static_cast<unsigned>((t.linear / L.block.x) % L.block.y),
-                      static_cast<unsigned>(t.linear / (int64_t{L.block.x} * L.block.y))};
-  for (;;) {
-    L.control.arrive_and_wait();
-    if (L.finished) break;
-    ::blockIdx = b.index;
-    t.warp_phases = 0;  // the warp's barrier starts afresh with the block, so does the buffer parity
-    try {
-      L.body();
-      __pipeline_commit();  // copies still in flight at exit, committed or not, land anyway
-      __pipeline_wait_prior(0);
-    } catch (const KernelTrap& e) {
-      L.fail(e.code, e.message);
-    } catch (const LaunchAborted&) {
-    } catch (const std::exception& e) {
-      L.fail(cudaErrorLaunchFailure, std::string("charmlp_emu: exception in a kernel: ") + e.what() + where());
-    } catch (...) {
-      L.fail(cudaErrorLaunchFailure, "charmlp_emu: exception in a kernel" + where());
-    }
-    t.uncommitted.clear();
-    t.committed.clear();
-    b.warps[t.warp]->barrier.drop();
-    b.barrier.drop();
-    L.cluster_barrier.drop();
-    // The last thread of a cluster's block: its shared memory is gone, so a peer still reading it sees poison.
-    if (b.live.fetch_sub(1) == 1 && L.blocks_per_cluster > 1) poison(b.smem, L.smem_bytes);
+  for (int64_t c = 0; c < L.clusters && !L.aborted.load(); ++c) {
+    setup_cluster(L, S, c, ((std::popcount(seq) + static_cast<uint64_t>(c)) & 1) != 0);
+    tsan_release(&S.start_sync);
+    S.run();
+    tsan_acquire(&S.exit_sync);
+#ifdef CHARMLP_EMU_TSAN
+    for (int64_t i = 0; i < S.n; ++i) __tsan_destroy_fiber(S.fibers[i].tsan);
+#endif
   }
-  tl_state = nullptr;
-}
-
-struct WorkerArg {
-  Launch* launch;
-  int64_t worker;
-};
-
-inline void* worker_entry(void* p) {
-  const WorkerArg a = *static_cast<WorkerArg*>(p);
-  run_worker(*a.launch, a.worker);
-  return nullptr;
+  tl_state = saved_state;
+  ::threadIdx = saved_thread;
+  ::blockIdx = saved_block;
+  ::blockDim = saved_block_dim;
+  ::gridDim = saved_grid_dim;
 }
 
 struct SmemDeleter {
@@ -1114,6 +1598,7 @@ inline cudaError_t run_launch(const void* kernel, dim3 grid, dim3 block, dim3 cl
   }
 
   std::lock_guard<std::mutex> serial(runtime().launch_m);
+  const uint64_t seq = next_launch_number(kernel);
   Launch L;
   L.grid = grid;
   L.block = block;
@@ -1133,29 +1618,16 @@ inline cudaError_t run_launch(const void* kernel, dim3 grid, dim3 block, dim3 cl
     for (int64_t w = 0; w < (threads + 31) / 32; ++w) b->warps.push_back(std::make_unique<WarpState>());
     L.blocks.push_back(std::move(b));
   }
-  const int64_t workers = per_cluster * threads;
-  L.control.reset(workers, nullptr);  // never aborted: it is how workers leave an aborted launch
-  L.control.set_completion([&L] { setup_next_cluster(L); });
-
-  pthread_attr_t pa;
-  pthread_attr_init(&pa);
-  pthread_attr_setstacksize(&pa, kWorkerStack);
-  std::vector<pthread_t> ids;
-  std::vector<WorkerArg> args(static_cast<size_t>(workers));
-  ids.reserve(static_cast<size_t>(workers));
-  for (int64_t w = 0; w < workers; ++w) {
-    args[w] = WorkerArg{&L, w};
-    pthread_t id;
-    if (pthread_create(&id, &pa, worker_entry, &args[w]) != 0) {
-      L.fail(cudaErrorLaunchOutOfResources,
-             "charmlp_emu: could not start " + std::to_string(workers) + " threads for a cluster");
-      for (int64_t rest = w; rest < workers; ++rest) L.control.drop();
-      break;
-    }
-    ids.push_back(id);
+  Scheduler S;
+  S.launch = &L;
+  S.n = per_cluster * threads;
+  S.fibers.reset(new Fiber[static_cast<size_t>(S.n)]);
+  if (!take_stacks(runtime().stacks, S)) {
+    return record(cudaErrorLaunchOutOfResources,
+                  "charmlp_emu: could not map stacks for the " + std::to_string(S.n) + " threads of a cluster");
   }
-  pthread_attr_destroy(&pa);
-  for (pthread_t id : ids) pthread_join(id, nullptr);
+  run_clusters(L, S, seq);
+  give_stacks(runtime().stacks, S);
   return record(L.code, L.message);
 }
 

@@ -1,7 +1,8 @@
 // Self-test of csrc/emulation/cuda_emu.h: small kernels with known answers, and kernels with known bugs that the
 // emulator must expose. Prints one "PASS <name>" or "FAIL <name>: <why>" line per test, then "DONE <failures>";
 // exits 0 iff every selected test passed. Arguments select tests by name (default: all). The racy ones (race_block,
-// race_warp, cluster_misuse) are data races on purpose: a ThreadSanitizer build runs them apart from the others.
+// race_warp, race_order, cluster_misuse) are data races on purpose: a ThreadSanitizer build runs them apart from the
+// others.
 #include <algorithm>
 #include <cassert>
 #include <cmath>
@@ -206,6 +207,55 @@ __global__ void warp_neighbour_kernel(const int* in, int* out, bool syncwarp) {
   s[threadIdx.x] = in[threadIdx.x];
   if (syncwarp) __syncwarp();
   out[threadIdx.x] = s[threadIdx.x ^ 1];
+}
+
+// Neighbour reads through shared memory without the barrier they need. `step` +1 reads the next thread's slot, -1
+// the previous one's; `phases` 2 first passes a __syncthreads after an earlier write of the slots, so that the
+// missing barrier is the second one (the fibers then run in the order that barrier released them).
+__global__ void neighbour_kernel(int* out, int step, int phases, bool barrier) {
+  CHARMLP_DYNAMIC_SHARED(int, s, 16);
+  const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);
+  if (phases == 2) {
+    s[t] = -2;
+    __syncthreads();
+  }
+  s[t] = 10 * t;
+  if (barrier) __syncthreads();
+  const int src = t + step;
+  out[t] = src >= 0 && src < n ? s[src] : 10 * src;
+}
+
+// Deadlocks: warp 0 waits at __syncthreads, warp 1 at cluster.sync(), and each barrier needs the other warp; the
+// lanes of one warp split between __syncwarp and __syncthreads.
+__global__ void deadlock_kernel(int* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    cg::this_cluster().sync();
+  }
+  out[threadIdx.x] = 1;
+}
+
+__global__ void deadlock_warp_kernel() {
+  if (threadIdx.x < 16) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
+}
+
+// Every thread of a cluster of 16 blocks of 1024 threads (16384 fibers): DSMEM exchange, a block vote, cluster.sync.
+__global__ void big_cluster_kernel(int* out) {
+  CHARMLP_DYNAMIC_SHARED(int, smem, 16);
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank();
+  smem[threadIdx.x] = static_cast<int>(rank * 1024 + threadIdx.x);
+  cluster.sync();
+  const int peer = cluster.map_shared_rank(smem, (rank + 1) % cluster.num_blocks())[blockDim.x - 1 - threadIdx.x];
+  const int n = __syncthreads_count(peer % 2 == 0);
+  const int lane_sum = __shfl_xor_sync(0xffffffffu, peer, 1);
+  out[int64_t{blockIdx.x} * blockDim.x + threadIdx.x] = peer + lane_sum + n;
+  cluster.sync();
 }
 
 // ---- tests --------------------------------------------------------------------------------------------------------
@@ -428,6 +478,79 @@ void test_race_warp() {
   check(wrong > 0, "warp-synchronous code without __syncwarp always worked");
 }
 
+// Both a read of the next thread's slot and one of the previous thread's slot without a barrier give a wrong answer
+// in at least one of two launches (the thread order alternates), before and after a first barrier.
+void test_race_order() {
+  constexpr int kN = 128;
+  std::vector<int> out(kN);
+  for (int phases = 1; phases <= 2; ++phases) {
+    for (int step : {1, -1}) {
+      int wrong = 0;
+      for (int k = 0; k < 2; ++k) {
+        for (bool barrier : {true, false}) {
+          std::fill(out.begin(), out.end(), 0);
+          expect_ok(charmlp_emu::launch(neighbour_kernel, dim3(1), dim3(kN), kN * sizeof(int), nullptr, out.data(),
+                                        step, phases, barrier));
+          bool ok = true;
+          for (int t = 0; t < kN; ++t) ok = ok && out[t] == 10 * (t + step);
+          if (barrier) check(ok, "the kernel with the barrier is wrong");
+          if (!barrier && !ok) ++wrong;
+        }
+      }
+      std::printf("INFO race_order: step %+d, %d phase(s): wrong answer in %d of 2 launches\n", step, phases, wrong);
+      check(wrong > 0, "a read of the " + std::string(step > 0 ? "next" : "previous") +
+                           " thread's slot without a barrier always worked (" + std::to_string(phases) + " phases)");
+    }
+  }
+}
+
+void test_deadlock() {
+  std::vector<int> out(64, 0);
+  cudaError_t e = charmlp_emu::launch(deadlock_kernel, dim3(2), dim3(64), 0, nullptr, out.data());
+  std::string msg = cudaGetErrorString(e);
+  check(e == cudaErrorLaunchFailure && msg.find("charmlp_emu: deadlock") != std::string::npos &&
+            msg.find("__syncthreads") != std::string::npos && msg.find("cluster.sync()") != std::string::npos,
+        "__syncthreads against cluster.sync(): " + msg);
+  e = charmlp_emu::launch(deadlock_warp_kernel, dim3(1), dim3(32), 0, nullptr);
+  msg = cudaGetErrorString(e);
+  check(e == cudaErrorLaunchFailure && msg.find("charmlp_emu: deadlock") != std::string::npos &&
+            msg.find("__syncwarp") != std::string::npos,
+        "__syncwarp against __syncthreads: " + msg);
+  check(cudaGetLastError() == cudaErrorLaunchFailure, "cudaGetLastError after a deadlock");
+  unsigned ballot = 0;
+  int any_all[3] = {-1, -1, -1}, count = -1;
+  expect_ok(charmlp_emu::launch(vote_kernel, dim3(1), dim3(64), 0, nullptr, &ballot, any_all, &count));
+  check(count == 13, "a launch after a deadlock");
+}
+
+// The launching thread's own built-in variables come back unchanged (every fiber switch swaps them).
+void test_host_state() {
+  threadIdx = uint3{7, 8, 9};
+  blockIdx = uint3{4, 5, 6};
+  std::vector<float> in(300, 1.f), out(2, 0.f);
+  expect_ok(charmlp_emu::launch(block_sum_kernel, dim3(2), dim3(kReduceThreads), 0, nullptr, in.data(), out.data(),
+                                int64_t{300}));
+  check(out[0] == 256.f && out[1] == 44.f, "block sums");
+  check(threadIdx.x == 7 && threadIdx.y == 8 && threadIdx.z == 9 && blockIdx.x == 4 && blockIdx.z == 6 &&
+            blockDim.x == 1 && gridDim.x == 1,
+        "the host's threadIdx/blockIdx/blockDim/gridDim were not restored");
+}
+
+void test_big_cluster() {
+  constexpr int kBlocks = 16, kThreads = 1024;
+  std::vector<int> out(kBlocks * kThreads, -1);
+  expect_ok(cudaFuncSetAttribute(big_cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  expect_ok(charmlp_emu::launch_cluster(big_cluster_kernel, dim3(kBlocks), dim3(kThreads), dim3(kBlocks),
+                                        kThreads * sizeof(int), nullptr, out.data()));
+  for (int b = 0; b < kBlocks; ++b) {
+    for (int t = 0; t < kThreads; ++t) {
+      const auto peer = [&](int tt) { return ((b + 1) % kBlocks) * 1024 + (kThreads - 1 - tt); };
+      const int want = peer(t) + peer(t ^ 1) + 512;
+      check(out[b * kThreads + t] == want, "block " + std::to_string(b) + " thread " + std::to_string(t));
+    }
+  }
+}
+
 struct Test {
   const char* name;
   void (*fn)();
@@ -438,7 +561,8 @@ const Test kTests[] = {
     {"ballot", test_ballot},             {"atomics", test_atomics},             {"cluster_dsmem", test_cluster_dsmem},
     {"cluster_misuse", test_cluster_misuse}, {"async_copy", test_async_copy},   {"device_assert", test_device_assert},
     {"smem_limits", test_smem_limits},   {"warp_misuse", test_warp_misuse},     {"race_block", test_race_block},
-    {"race_warp", test_race_warp},
+    {"race_warp", test_race_warp},       {"race_order", test_race_order},       {"deadlock", test_deadlock},
+    {"host_state", test_host_state},     {"big_cluster", test_big_cluster},
 };
 
 }  // namespace

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from charmlp_fast import ops
-from conftest import DEVICES
-from utils import assert_close
+from conftest import DEVICES, runs_cuda_kernels
+from utils import assert_close, rel_error
 
 REDUCTIONS = ["none", "mean", "sum"]
 DTYPES = [torch.float32, torch.float64]
@@ -350,4 +350,9 @@ def test_internal_ops_refuse_differentiation(dtype, device):
             got = call(x.clone().requires_grad_())
         as_tuple = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
         for a, e in zip(as_tuple(got), as_tuple(expected), strict=True):
-            assert torch.equal(a, e), name
+            # The CUDA kernel of embed_linear_tanh_backward adds into grad_C with atomics, whose order (and so the
+            # rounding) changes from call to call; every other output is bitwise reproducible.
+            if runs_cuda_kernels(device) and name == "embed_linear_tanh_backward":
+                assert rel_error(a, e) <= 1e-12, name
+            else:
+                assert torch.equal(a, e), name

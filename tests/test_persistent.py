@@ -403,18 +403,12 @@ def test_persistent_stepper_bumps_parameter_versions():
     assert model.W1._version > before
 
 
-def _fused_kernels(device: str) -> bool:
-    key = "CUDA" if device == "cuda" else "CPU"
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-               for op in ("charmlp::embed_linear_tanh", "charmlp::linear_cross_entropy"))
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_graph_stepper_body_matches_persistent(device):
     """The body GraphStepper captures (fused_sgd_steps), run eagerly: same Philox minibatches, same update as the
     persistent op, step by step — so the graph and persistent implementations train alike."""
-    if not _fused_kernels(device):
-        pytest.skip(f"the fused kernels (issue 3) are not in this build for {device}")
+    if not ops.kernels_built(torch.device(device).type):
+        pytest.skip(f"the fused model's kernels are not in this build for {device}")
     V, T, E, H, B = 27, 3, 10, 200, 32
     X, Y = make_data(V, T, 4000, seed=16)
     X, Y = X.to(device), Y.to(device)

@@ -41,17 +41,17 @@ $(VENV)/.deps-installed: pyproject.toml
 # The CUDA kernels are compiled when a GPU is visible or CHARMLP_CUDA=1 asks for them (see setup.py).
 build: charmlp_fast/.built
 
-charmlp_fast/.built: $(SETUP_STAMP) setup.py pyproject.toml $(wildcard csrc/*)
+charmlp_fast/.built: $(SETUP_STAMP) setup.py pyproject.toml $(wildcard csrc/* csrc/*/*)
 	@echo "building $$($(PYTHON) setup.py --plan 2>/dev/null)"
 	@start=$$(date +%s); $(PYTHON) -m pip install --no-build-isolation --no-deps -e . \
 	  && echo "built charmlp_fast._C in $$(( $$(date +%s) - start )) s"
 	touch $@
 
-# The CUDA kernels built for the CPU emulator (charmlp_fast._C_emu, for the tests only; see csrc/cuda_utils.cuh):
+# The CUDA kernels built for the CPU emulator (charmlp_fast._C_emu, for the tests only; see csrc/cuda/cuda_utils.cuh):
 # the CUDA tests run on it on any machine. Its own step, so that the user's build never pays for it.
 emulator: charmlp_fast/.built_emu
 
-charmlp_fast/.built_emu: $(SETUP_STAMP) setup.py $(wildcard csrc/* csrc/emulation/* csrc/emulation/*/*)
+charmlp_fast/.built_emu: $(SETUP_STAMP) setup.py $(wildcard csrc/* csrc/*/* csrc/emulation/*/*)
 	@echo "building charmlp_fast._C_emu (the CUDA kernels on the CPU emulator, for the tests), about 2 minutes on 2 cores"
 	@start=$$(date +%s); CHARMLP_EMULATOR=only $(PYTHON) setup.py -q build_ext --inplace \
 	  && echo "built charmlp_fast._C_emu in $$(( $$(date +%s) - start )) s"

@@ -1,6 +1,6 @@
 """Build charmlp_fast._C from csrc/.
 
-C++ sources are always built. CUDA sources (csrc/*.cu) are built when CHARMLP_CUDA=1 asks for them (CI does, so
+C++ sources are always built. CUDA sources (csrc/**/*.cu) are built when CHARMLP_CUDA=1 asks for them (CI does, so
 that a .cu that does not compile never lands, GPU or not), or, by default (CHARMLP_CUDA=auto), when a GPU is
 visible and the installed torch is a CUDA build with nvcc found (CUDA_HOME): compiling kernels that cannot run
 costs a CPU-only machine most of its set-up time. CHARMLP_CUDA=0 never builds them.
@@ -9,7 +9,7 @@ costs a CPU-only machine most of its set-up time. CHARMLP_CUDA=0 never builds th
 building, since pip hides the build's output).
 
 charmlp_fast._C_emu, for the tests only: the same CUDA sources compiled with the host compiler on the CPU emulator
-(csrc/emulation/, csrc/cuda_utils.cuh). CHARMLP_EMULATOR=1 builds it beside _C, CHARMLP_EMULATOR=only builds it
+(csrc/emulation/, csrc/cuda/cuda_utils.cuh). CHARMLP_EMULATOR=1 builds it beside _C, CHARMLP_EMULATOR=only builds it
 alone (`make test` does, in its own step); CHARMLP_EMULATOR_SANITIZE=address,undefined (or thread) builds it
 instrumented, as charmlp_fast._C_emu_<sanitizers> (CI's sanitizer job).
 """
@@ -100,8 +100,13 @@ def extensions():
     return product_extensions() + ([emulated_extension()] if emulator == "1" else [])
 
 
+def product_sources(suffix: str) -> list[str]:
+    """Every csrc/**/*<suffix> of the product: all but the emulator's own sources."""
+    return sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob(f"*{suffix}") if "emulation" not in p.parts)
+
+
 def product_extensions():
-    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
+    sources = product_sources(".cpp")
     # No -std flag: torch.utils.cpp_extension picks the standard the installed torch needs (C++20 from 2.13 on).
     # -fopenmp: at::parallel_for is a header template; with torch's OpenMP backend it only runs in parallel when the
     # extension itself is compiled and linked with OpenMP.
@@ -111,7 +116,7 @@ def product_extensions():
         # sm_80 (A100) and sm_90 (H100/H200) unless the user chose otherwise, plus sm_90 PTX so that newer GPUs
         # (Blackwell) JIT-compile the kernels instead of failing with "no kernel image".
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
+        sources += product_sources(".cu")
         return [
             cpp_extension.CUDAExtension(
                 "charmlp_fast._C",

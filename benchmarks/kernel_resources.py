@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Static check of the CUDA kernels' resources on Hopper (sm_90), from ptxas, with no GPU.
 
-Compiles every csrc/*.cu the way the real build does (setup.py's include dirs and nvcc flags, the flags and
+Compiles every csrc/**/*.cu the way the real build does (setup.py's include dirs and nvcc flags, the flags and
 include paths torch.utils.cpp_extension adds, -DWITH_CUDA, C++20), but for sm_90 only and only as far as a cubin,
 with ptxas's resource report on. What that shows, and nothing short of ptxas can show without a GPU:
 
@@ -20,7 +20,7 @@ Writes the table to --out and prints it.
 
     CUDA_HOME=/usr/local/cuda python benchmarks/kernel_resources.py
     python benchmarks/kernel_resources.py --out /tmp/kr.txt --jobs 4
-    python benchmarks/kernel_resources.py --sources /tmp/my_copy.cu   # check other files than csrc/*.cu
+    python benchmarks/kernel_resources.py --sources /tmp/my_copy.cu   # check other files than csrc/**/*.cu
 
 Compiles run in parallel (--jobs, default $MAX_JOBS or 2), each under --timeout seconds.
 """
@@ -226,7 +226,7 @@ def violations(kernels: list[Kernel], compiles: list[Compile], timeout: float, d
             tail = [ln for ln in c.stderr.splitlines() if ln.strip() and not PTXAS_INFO_RE.match(ln)]
             errors.append(f"{c.file}: nvcc failed (exit {c.rc}):\n    " + "\n    ".join(tail[-ERROR_TAIL_LINES:]))
     if default_sources and all(c.rc == 0 for c in compiles) and not any(NO_SPILL_KERNEL in k.name for k in kernels):
-        errors.append(f"no instantiation of {NO_SPILL_KERNEL} found in csrc/*.cu: nothing to check for spills")
+        errors.append(f"no instantiation of {NO_SPILL_KERNEL} found in csrc/**/*.cu: nothing to check for spills")
     return errors
 
 
@@ -264,13 +264,13 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "build" / f"kernel_resources_{ARCH.replace('_', '')}.txt"),
                    help="where the table goes (default: build/kernel_resources_sm90.txt)")
-    p.add_argument("--sources", nargs="+", type=Path, help="the .cu files to check (default: csrc/*.cu)")
+    p.add_argument("--sources", nargs="+", type=Path, help="the .cu files to check (default: csrc/**/*.cu)")
     p.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS") or 2),
                    help="compiles at a time (default: $MAX_JOBS or 2)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per compile (default: 900)")
     args = p.parse_args()
 
-    sources = args.sources or sorted(CSRC.glob("*.cu"))
+    sources = args.sources or sorted(p for p in CSRC.rglob("*.cu") if "emulation" not in p.parts)
     nvcc = find_nvcc()
     cmd = nvcc_command(nvcc)
     t0 = time.perf_counter()

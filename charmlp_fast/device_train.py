@@ -6,14 +6,14 @@ Both follow the stepper interface of steppers.py:
 
 and update the model's parameters in place.
 
-* PersistentStepper — charmlp::sgd_train (csrc/sgd_train*.{h,cpp,cu}): one call runs all n steps (sampling,
+* PersistentStepper — charmlp::sgd_train (csrc/sgd_train/): one call runs all n steps (sampling,
   forward, backward, update) in C++ on the CPU, or in one persistent kernel launch on CUDA with the parameters in
   shared memory. Sizes that do not fit the kernel are reported by `PersistentStepper.unsupported_reason(...)`.
 * GraphStepper (CUDA) — the fused per-op step (ops.embed_linear_tanh + ops.linear_cross_entropy through autograd,
   then the SGD update) captured K steps per CUDA graph, with the lr and the step counter in device buffers; any
   size, the fallback where the persistent kernel does not fit.
 
-Both draw minibatch rows with charmlp's Philox keyed by (seed, step, row) (csrc/sgd_train.h): a seed gives the
+Both draw minibatch rows with charmlp's Philox keyed by (seed, step, row) (csrc/sgd_train/sgd_train.h): a seed gives the
 same minibatches on CPU and CUDA, in the persistent kernel and in the graph, and a run cut into chunks equals one
 uncut run. (EagerStepper samples with torch.randint, so its minibatches differ.)
 

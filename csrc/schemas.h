@@ -39,7 +39,7 @@ inline void define_schemas(torch::Library& m) {
   m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor h, Tensor W2, Tensor b2, Tensor targets, Tensor lse, int reduction, int ignore_index) -> (Tensor, Tensor, Tensor)");
 
   // ---- whole-training ops (persistent SGD) -----------------------------------------------------
-  // S SGD steps of M independent models in one call (csrc/sgd_train.h): per step, B rows drawn by Philox from
+  // S SGD steps of M independent models in one call (csrc/sgd_train/sgd_train.h): per step, B rows drawn by Philox from
   // seeds (M,) keyed by (seed, start_step + i, row) -- or read from batch_idx (S, B) / (M, S, B) -- then forward,
   // backward and p -= lrs[..., i] * grad. C (M, V, E), W1 (M, T*E, H), b1 (M, H), W2 (M, H, V), b2 (M, V) float32
   // are updated in place; X (N, T), Y (N,) int64/int32; lrs (S,) or (M, S) float32. Exactly one of seeds and

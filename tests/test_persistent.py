@@ -97,7 +97,7 @@ def philox4x32_10(ctr, key):
 
 
 def minibatch_row(seed, step, row, n):
-    """The documented mapping of csrc/sgd_train.h, in Python."""
+    """The documented mapping of csrc/sgd_train/sgd_train.h, in Python."""
     seed &= MASK64
     r = philox4x32_10((row & MASK32, row >> 32, step & MASK32, step >> 32), (seed & MASK32, seed >> 32))
     u = (r[1] << 32) | r[0]

@@ -1,2 +1,2 @@
-// csrc/embed_linear_tanh_cuda.cu, built for the CPU emulator (see csrc/cuda_utils.cuh).
-#include "embed_linear_tanh_cuda.cu"
+// csrc/ops/embed_linear_tanh_cuda.cu, built for the CPU emulator (see csrc/cuda/cuda_utils.cuh).
+#include "ops/embed_linear_tanh_cuda.cu"

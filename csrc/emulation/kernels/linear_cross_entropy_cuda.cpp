@@ -1,2 +1,2 @@
-// csrc/linear_cross_entropy_cuda.cu, built for the CPU emulator (see csrc/cuda_utils.cuh).
-#include "linear_cross_entropy_cuda.cu"
+// csrc/ops/linear_cross_entropy_cuda.cu, built for the CPU emulator (see csrc/cuda/cuda_utils.cuh).
+#include "ops/linear_cross_entropy_cuda.cu"

@@ -16,9 +16,9 @@
 // AVX2+FMA and the baseline ISA, chosen once at load time. Why: extensions are built without -march
 // flags, so the baseline (SSE2) alone would run the GEMM-shaped loops and tanh 4-8x slower than eager
 // PyTorch's MKL/Sleef kernels at big batch.
-#include "embed_linear_tanh.h"
+#include "ops/embed_linear_tanh.h"
 
-#include "autograd_limits.h"
+#include "common/autograd_limits.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -1,19 +1,9 @@
-// Shared by the cross_entropy and linear_cross_entropy op families, CPU and CUDA alike:
-//   1. argument checks (one place, so that both backends reject bad input with the same message);
-//   2. the scalar math of a numerically stable softmax cross-entropy row, marked CHARMLP_HOST_DEVICE;
-//   3. the CPU row kernels (SIMD loops over rows of logits, used by both families' CPU kernels);
-//   4. the CUDA row launchers that linear_cross_entropy_cuda.cu borrows from cross_entropy_cuda.cu.
-//
-// Notation: logits x (B, V), targets t (B,), row i counted unless t[i] == ignore_index.
-//   m        = max_j x_j                       (the target included, so that no exp below can overflow)
-//   s_excl   = sum_{j != t} exp(x_j - m)       (the target excluded: see row_result)
-//   loss     = lse - x_t,  lse = m + log(s_excl + exp(x_t - m))
-//   dloss/dx = softmax(x) - onehot(t)
+// softmax_rows.h: the CPU kernels of softmax cross-entropy over ranges of rows of logits (forward, forward with the
+// gradient in place, backward from a saved lse), vectorised, used by the cross_entropy and linear_cross_entropy
+// CPU kernels. The per-row scalar math is common/softmax_ce.h.
 #pragma once
 
-#include "common.h"
-
-#include <ATen/Parallel.h>
+#include "common/softmax_ce.h"
 
 #include <math.h>
 
@@ -21,185 +11,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
-#include <tuple>
 #include <type_traits>
 
 namespace charmlp {
 
-// ==== 1. argument checks =============================================================================
-
-// logits (B, V) float, targets (B,) int64/int32 on the logits' device; returns {B, V}.
-inline std::tuple<int64_t, int64_t> check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& targets,
-                                                             int64_t reduction, bool allow_half) {
-  check_dim(logits, 2, "logits");
-  check_floating(logits, "logits", allow_half);
-  check_dim(targets, 1, "targets");
-  check_index(targets, "targets");
-  check_same_device(logits, "logits", targets, "targets");
-  check_size(targets, 0, logits.size(0), "targets", "logits.size(0) (B)");
-  TORCH_CHECK(logits.size(1) > 0, "logits.size(1) (V) must be positive, got shape ", logits.sizes());
-  check_reduction(reduction);
-  return {logits.size(0), logits.size(1)};
-}
-
-// check_size for sizes that may be symbolic (the autograd kernel also runs under torch.compile's tracing).
-inline void check_sym_size(const at::Tensor& t, int64_t dim, const c10::SymInt& expected, const char* name,
-                           const char* what) {
-  TORCH_CHECK(t.sym_size(dim) == expected, name, ".size(", dim, ") must equal ", what, " = ", expected, ", got ",
-              t.sym_size(dim), " (shape ", t.sym_sizes(), ")");
-}
-
-// h (B, H), W2 (H, V), b2 (V), targets (B,).
-inline void check_linear_cross_entropy_args(const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b2,
-                                            const at::Tensor& targets, int64_t reduction, bool allow_half) {
-  check_dim(h, 2, "h");
-  check_floating(h, "h", allow_half);
-  check_dim(W2, 2, "W2");
-  check_same_dtype(h, "h", W2, "W2");
-  check_dim(b2, 1, "b2");
-  check_same_dtype(h, "h", b2, "b2");
-  check_dim(targets, 1, "targets");
-  check_index(targets, "targets");
-  check_same_device(h, "h", W2, "W2");
-  check_same_device(h, "h", b2, "b2");
-  check_same_device(h, "h", targets, "targets");
-  check_sym_size(W2, 0, h.sym_size(1), "W2", "h.size(1) (H)");
-  TORCH_CHECK(W2.sym_size(1) > 0, "W2.size(1) (V) must be positive, got shape ", W2.sym_sizes());
-  check_sym_size(b2, 0, W2.sym_size(1), "b2", "W2.size(1) (V)");
-  check_sym_size(targets, 0, h.sym_size(0), "targets", "h.size(0) (B)");
-  check_reduction(reduction);
-}
-
-// Rows [r0, r0 + n) of t; t itself when that is all of it (a narrow is a dispatcher call, a few hundred ns that
-// count at the seed's size, where one chunk holds every row).
-inline at::Tensor row_slice(const at::Tensor& t, int64_t r0, int64_t n) {
-  return r0 == 0 && n == t.size(0) ? t : t.narrow(0, r0, n);
-}
-
-// The backward ops take what the forward saved: grad_loss shaped like the loss, lse (B,) float64.
-inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& ref,
-                                const char* ref_name, int64_t B, int64_t reduction) {
-  check_same_dtype(ref, ref_name, grad_loss, "grad_loss");
-  check_same_device(ref, ref_name, grad_loss, "grad_loss");
-  if (reduction == kNone) {
-    check_dim(grad_loss, 1, "grad_loss");
-    check_size(grad_loss, 0, B, "grad_loss", "B (reduction='none')");
-  } else {
-    check_dim(grad_loss, 0, "grad_loss");
-  }
-  check_dim(lse, 1, "lse");
-  TORCH_CHECK(lse.scalar_type() == at::kDouble, "lse must be float64 (as cross_entropy_forward returns it), got ",
-              lse.scalar_type());
-  check_same_device(ref, ref_name, lse, "lse");
-  check_size(lse, 0, B, "lse", "B");
-}
-
-// CPU only (CUDA asserts in the kernel instead, to avoid a host sync): every counted target lies in [0, V).
-// Returns the number of counted rows, the divisor of reduction="mean".
-template <typename index_t>
-int64_t check_targets_cpu(const index_t* t, int64_t B, int64_t V, int64_t ignore_index) {
-  int64_t n_valid = 0;
-  for (int64_t i = 0; i < B; ++i) {
-    const int64_t ti = t[i];
-    if (ti == ignore_index) continue;
-    TORCH_CHECK(ti >= 0 && ti < V, "targets[", i, "] = ", ti, " is out of range: targets must lie in [0, V = ", V,
-                ") or equal ignore_index = ", ignore_index);
-    ++n_valid;
-  }
-  return n_valid;
-}
-
-// ==== 2. scalar math, shared by the CPU and CUDA kernels =============================================
-// Overloads rather than std:: so that the float path stays in float on the device as on the host.
-CHARMLP_HOST_DEVICE float exp_(float x) { return expf(x); }
-CHARMLP_HOST_DEVICE double exp_(double x) { return exp(x); }
-CHARMLP_HOST_DEVICE float log_(float x) { return logf(x); }
-CHARMLP_HOST_DEVICE double log_(double x) { return log(x); }
-CHARMLP_HOST_DEVICE float log1p_(float x) { return log1pf(x); }
-CHARMLP_HOST_DEVICE double log1p_(double x) { return log1p(x); }
-
-// Online log-sum-exp state of a part of a row: a streaming pass keeps one per thread and the threads of a
-// row combine theirs. m starts at the lowest finite value rather than -inf so that -inf logits give exp(-inf)
-// = 0 instead of exp(-inf - -inf) = nan.
-template <typename acc_t>
-struct OnlineLse {
-  acc_t m;  // max of the elements seen, the target included
-  acc_t s;  // sum of exp(x - m) over the elements seen, the target excluded
-};
-
-template <typename acc_t>
-CHARMLP_HOST_DEVICE OnlineLse<acc_t> lse_init() {
-  return {std::numeric_limits<acc_t>::lowest(), acc_t(0)};
-}
-
-template <typename acc_t>
-CHARMLP_HOST_DEVICE OnlineLse<acc_t> lse_add(OnlineLse<acc_t> a, acc_t x, bool is_target) {
-  if (x > a.m) {  // rescale the sum to the new max; rare after the first few elements of a row
-    a.s *= exp_(a.m - x);
-    a.m = x;
-  }
-  if (!is_target) a.s += exp_(x - a.m);
-  return a;
-}
-
-template <typename acc_t>
-CHARMLP_HOST_DEVICE OnlineLse<acc_t> lse_combine(OnlineLse<acc_t> a, OnlineLse<acc_t> b) {
-  const acc_t m = a.m > b.m ? a.m : b.m;
-  return {m, a.s * exp_(a.m - m) + b.s * exp_(b.m - m)};
-}
-
-// The loss and the float64 lse of a counted row from its (m, s_excl) and target logit:
-//   lse = m + log(s), s = s_excl + exp(x_t - m);  loss = lse - x_t = log(s) - (x_t - m).
-// When the target is the max (x_t = m) the loss is log1p(s_excl): it can be as small as e^-20, where log(s) rounds
-// to 0 (that is what keeping the target out of s_excl buys). Otherwise s_excl >= 1 (it holds the max) and the two
-// terms add without cancellation. lse keeps m exact and log(s) <= log(V) small, so it stays accurate to ~1e-7 even
-// at |logits| ~ 1e4, where a float32 lse (or x_t + loss) would be off by ~1e-3.
-template <typename acc_t>
-struct RowResult {
-  acc_t loss;
-  double lse;
-};
-
-// e_t = exp(x_t - m), when the caller has it already.
-template <typename acc_t>
-CHARMLP_HOST_DEVICE RowResult<acc_t> row_result(acc_t m, acc_t s_excl, acc_t x_t, acc_t e_t) {
-  const acc_t d = x_t - m;  // <= 0 since m includes x_t
-  const acc_t log_s = log_(s_excl + e_t);
-  return {d == acc_t(0) ? log1p_(s_excl) : log_s - d, static_cast<double>(m) + static_cast<double>(log_s)};
-}
-
-template <typename acc_t>
-CHARMLP_HOST_DEVICE RowResult<acc_t> row_result(acc_t m, acc_t s_excl, acc_t x_t) {
-  return row_result(m, s_excl, x_t, exp_(x_t - m));
-}
-
-// A float64 lse as hi + lo in the accumulation type: x - hi is exact for the logits that matter (those within
-// a factor 2 of lse, Sterbenz), so exp((x - hi) - lo) keeps full float accuracy even at |logits| ~ 1e4.
-template <typename acc_t>
-struct SplitLse {
-  acc_t hi, lo;
-};
-
-template <typename acc_t>
-CHARMLP_HOST_DEVICE SplitLse<acc_t> split_lse(double lse) {
-  const acc_t hi = static_cast<acc_t>(lse);
-  return {hi, static_cast<acc_t>(lse - static_cast<double>(hi))};
-}
-
-template <typename acc_t>
-CHARMLP_HOST_DEVICE acc_t softmax_prob(acc_t x, SplitLse<acc_t> l) {
-  return exp_((x - l.hi) - l.lo);
-}
-
-// The factor on (softmax - onehot) of a counted row: d(reduced loss)/d(row loss) times the incoming gradient g
-// (grad_loss[i] for reduction="none", the scalar grad_loss otherwise).
-template <typename acc_t>
-CHARMLP_HOST_DEVICE acc_t row_grad_scale(int64_t reduction, acc_t g, int64_t n_valid) {
-  return reduction == kMean ? g / static_cast<acc_t>(n_valid) : g;
-}
-
-// ==== 3. CPU row kernels =============================================================================
+// ==== CPU row kernels =============================================================================
 // Ranges of rows of logits; the callers parallelise over rows.
 //
 // The loops use GCC/Clang vector extensions and a vectorisable exp, because the extension is built without
@@ -628,38 +444,5 @@ void cpu_backward_rows(const scalar_t* x, scalar_t* y, int64_t V, const index_t*
   backward_rows<scalar_t, 16>(x, y, V, t, ignore_index, begin, end, lse, grad_loss, g_stride, reduction, n_valid);
 }
 #endif  // !defined(__CUDACC__)
-
-// ==== 4. CUDA row launchers (defined in cross_entropy_cuda.cu) =======================================
-// cross_entropy's CUDA kernels on contiguous (n, V) logits; linear_cross_entropy_cuda.cu runs them on its chunks.
-#ifdef WITH_CUDA
-// Per row: row_losses[i] (accumulation dtype, 0 for an ignored row) and lse[i] (float64). With write_grad the
-// logits are overwritten with their gradient for grad_loss = 1: (softmax - onehot), divided by n_valid[0] (a
-// device scalar) for reduction="mean".
-void cross_entropy_rows_forward_cuda(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
-                                     const at::Tensor& row_losses, const at::Tensor& lse, bool write_grad,
-                                     const at::Tensor& n_valid, int64_t reduction);
-// grad = g_i * (softmax - onehot) from the saved lse, g_i from grad_loss (and n_valid[0] for "mean");
-// grad may be logits itself (in place).
-void cross_entropy_rows_backward_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                                      const at::Tensor& grad_loss, const at::Tensor& n_valid, int64_t reduction,
-                                      int64_t ignore_index, const at::Tensor& grad);
-// One block over B: n_valid[0] = the number of counted targets, and/or loss = the mean/sum of row_losses
-// (an undefined tensor skips that output).
-void cross_entropy_reduce_cuda(const at::Tensor& targets, int64_t ignore_index, int64_t reduction,
-                               const at::Tensor& row_losses, const at::Tensor& loss, const at::Tensor& n_valid);
-#endif
-
-#if defined(__CUDACC__) || defined(CHARMLP_EMULATE_CUDA)
-// The target of row i of the kernels above, ignore_index for a row past the end (!active). A counted target is
-// checked on the device, as torch's own embedding does: the CPU kernels check on the host, which here would cost
-// a sync.
-template <typename index_t>
-__device__ __forceinline__ int64_t row_target(const index_t* targets, int64_t i, bool active, int64_t V,
-                                              int64_t ignore_index) {
-  const int64_t t = active ? static_cast<int64_t>(targets[i]) : ignore_index;
-  if (t != ignore_index) CUDA_KERNEL_ASSERT(t >= 0 && t < V);
-  return t;
-}
-#endif
 
 }  // namespace charmlp

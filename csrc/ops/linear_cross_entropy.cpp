@@ -16,9 +16,9 @@
 // This file: the CPU kernels (GEMMs through at::mm_out, i.e. MKL, plus the shared row kernels of
 // cross_entropy.h), the autograd kernel (first order only: no double backward, no forward-mode AD), the
 // CompositeExplicitAutograd kernel and their registration. The CUDA kernels are in linear_cross_entropy_cuda.cu.
-#include "cross_entropy.h"
+#include "ops/cross_entropy.h"
 
-#include "autograd_limits.h"
+#include "common/autograd_limits.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -20,10 +20,10 @@
 // (3 GEMMs for forward + backward); the backward op recomputes the logits from the saved lse (4 GEMMs), for
 // reduction="none" whose per-row incoming gradient only the backward knows.
 // bf16/fp16 inputs are upcast to float32 (h, W2, b2 are small next to the (B, V) work) and the results cast back.
-// Tested on the CPU emulator (csrc/cuda_utils.cuh): both paths (the chunked one's GEMMs run as CPU ops there) and
+// Tested on the CPU emulator (csrc/cuda/cuda_utils.cuh): both paths (the chunked one's GEMMs run as CPU ops there) and
 // the opt-in shared memory of the small one; only a GPU shows cuBLAS's own numerics and the timing.
-#include "cuda_utils.cuh"  // first: see its header
-#include "cross_entropy.h"
+#include "cuda/cuda_utils.cuh"  // first: see its header
+#include "ops/cross_entropy.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

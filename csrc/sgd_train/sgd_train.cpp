@@ -9,7 +9,7 @@
 //
 // The plain reference of the loop is the seed's notebook loop (charmlp_fast/reference.py + steppers.EagerStepper);
 // tests/test_persistent.py checks this kernel against it step by step.
-#include "sgd_train.h"
+#include "sgd_train/sgd_train.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
@@ -114,7 +114,7 @@ namespace charmlp::cpu_train::avx512 {
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
 #define CHARMLP_VW 16
 #define CHARMLP_VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
-#include "sgd_train_cpu_kernels.h"
+#include "sgd_train/sgd_train_cpu_kernels.h"
 #undef CHARMLP_VFMA
 #undef CHARMLP_VW
 #pragma GCC pop_options
@@ -125,7 +125,7 @@ namespace charmlp::cpu_train::avx2 {
 #pragma GCC target("avx2,fma")
 #define CHARMLP_VW 8
 #define CHARMLP_VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
-#include "sgd_train_cpu_kernels.h"
+#include "sgd_train/sgd_train_cpu_kernels.h"
 #undef CHARMLP_VFMA
 #undef CHARMLP_VW
 #pragma GCC pop_options
@@ -135,7 +135,7 @@ namespace charmlp::cpu_train::avx2 {
 namespace charmlp::cpu_train::baseline {
 #define CHARMLP_VW 4
 #define CHARMLP_VFMA(a, b, c) ((a) * (b) + (c))
-#include "sgd_train_cpu_kernels.h"
+#include "sgd_train/sgd_train_cpu_kernels.h"
 #undef CHARMLP_VFMA
 #undef CHARMLP_VW
 }  // namespace charmlp::cpu_train::baseline

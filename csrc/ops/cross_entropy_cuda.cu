@@ -12,10 +12,10 @@
 // vectors wherever the row's alignment allows. The reductions over B (the loss for mean/sum, the number of
 // counted rows for mean) are one-block kernels: a fixed order, so deterministic, and B values are cheap.
 // Targets are range-checked with CUDA_KERNEL_ASSERT, as torch's own kernels do: no host sync.
-// Tested on the CPU emulator (csrc/cuda_utils.cuh) with the CPU kernels' float64 truths and tolerances, all three
+// Tested on the CPU emulator (csrc/cuda/cuda_utils.cuh) with the CPU kernels' float64 truths and tolerances, all three
 // row-group widths and the 16-byte vector paths; only a GPU shows the bandwidth and the device-assert's sticky error.
-#include "cuda_utils.cuh"  // first: see its header
-#include "cross_entropy.h"
+#include "cuda/cuda_utils.cuh"  // first: see its header
+#include "ops/cross_entropy.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

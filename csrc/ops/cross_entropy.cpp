@@ -9,9 +9,9 @@
 // per call than one registered from Python; double backward through ATen ops, no forward-mode AD), a
 // CompositeExplicitAutograd kernel for calls below autograd (inference_mode / no_grad), and their registration.
 // The CUDA kernels are in cross_entropy_cuda.cu.
-#include "cross_entropy.h"
+#include "ops/cross_entropy.h"
 
-#include "autograd_limits.h"
+#include "common/autograd_limits.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

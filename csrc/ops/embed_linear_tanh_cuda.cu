@@ -16,10 +16,10 @@
 //      under torch.use_deterministic_algorithms(True) it writes grad_emb (B, K) instead, and grad_C comes
 //      from ATen's embedding_dense_backward (sorted indices, fixed-order segment sums).
 // bf16/fp16 inputs are accumulated in fp32 throughout; the results are cast back at the end.
-// Tested on the CPU emulator (csrc/cuda_utils.cuh): every tile shape, the split-B reduction, the atomic and the
+// Tested on the CPU emulator (csrc/cuda/cuda_utils.cuh): every tile shape, the split-B reduction, the atomic and the
 // deterministic grad_C; only a GPU shows the atomics' real interleaving and the timing.
-#include "cuda_utils.cuh"  // first: see its header
-#include "embed_linear_tanh.h"
+#include "cuda/cuda_utils.cuh"  // first: see its header
+#include "ops/embed_linear_tanh.h"
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>

@@ -12,7 +12,7 @@
 // N training examples, S steps in one call.
 #pragma once
 
-#include "common.h"
+#include "common/checks.h"
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/MaybeOwned.h>
@@ -107,7 +107,7 @@ struct SgdTrainShape {
   int64_t TE() const { return T * E; }
 };
 
-// Checks every argument of charmlp::sgd_train (see csrc/registration.cpp for the schema) and returns the sizes.
+// Checks every argument of charmlp::sgd_train (see csrc/schemas.h for the schema) and returns the sizes.
 // Parameters are updated in place, so they must be float32 and contiguous; the read-only tensors may be strided
 // (the caller takes expect_contiguous() views, which copy only when needed).
 inline SgdTrainShape check_sgd_train_args(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1,

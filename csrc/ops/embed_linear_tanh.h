@@ -5,7 +5,7 @@
 // Shapes: idx (B, T) int64/int32, C (V, E), W1 (K = T*E, H), b1 (H), h (B, H).
 #pragma once
 
-#include "common.h"
+#include "common/checks.h"
 
 #include <utility>
 

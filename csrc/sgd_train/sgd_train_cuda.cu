@@ -2,7 +2,7 @@
 //
 // charmlp::sgd_train runs S SGD steps of M models in ONE launch: one thread block — or a thread-block cluster of
 // CS blocks on Hopper — per model keeps the parameters and one step's activations in shared memory for the whole
-// run. Per step it draws the minibatch (Philox, csrc/sgd_train.h), gathers the embeddings, runs forward,
+// run. Per step it draws the minibatch (Philox, csrc/sgd_train/sgd_train.h), gathers the embeddings, runs forward,
 // backward and the SGD update, and writes the mean loss of every loss_every steps. The only global-memory traffic
 // of a step is the minibatch's B rows of X and Y (prefetched one step ahead with cp.async) and the loss.
 //
@@ -26,14 +26,14 @@
 // reproducible, a chunked run equals an unchunked one, and the replicas of C and b2 in the blocks of a cluster
 // stay identical.
 //
-// Sizes: whatever fits the plan of csrc/sgd_train.h (plan_persistent): parameters + activations of one block in
+// Sizes: whatever fits the plan of csrc/sgd_train/sgd_train.h (plan_persistent): parameters + activations of one block in
 // the device's opt-in shared memory (227 KB on H100). Larger models (batch * hidden grows fastest) get a
 // readable error; the trainer then uses the CUDA-graph stepper (charmlp_fast/device_train.py).
-// Tested on the CPU emulator (csrc/cuda_utils.cuh): every cluster size, distributed shared memory and the
+// Tested on the CPU emulator (csrc/cuda/cuda_utils.cuh): every cluster size, distributed shared memory and the
 // cp.async prefetch, against the CPU loop; only a GPU shows the timing, whether clusters are scheduled on a busy
 // or partitioned device, and the register budget at run time (ptxas's view: benchmarks/kernel_resources.py).
-#include "cuda_utils.cuh"  // first: see its header
-#include "sgd_train.h"
+#include "cuda/cuda_utils.cuh"  // first: see its header
+#include "sgd_train/sgd_train.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

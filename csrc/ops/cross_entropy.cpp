@@ -11,7 +11,7 @@
 // The CUDA kernels are in cross_entropy_cuda.cu.
 #include "ops/cross_entropy.h"
 
-#include "common/autograd_limits.h"
+#include "common/autograd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -93,16 +93,13 @@ using ForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
 using BackwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                               int64_t);
 
-// Looked up once: the dispatcher's schema search costs more than the seed-size kernel itself.
 const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("charmlp::cross_entropy_forward", "").typed<ForwardFn>();
+  static const auto op = op_handle<ForwardFn>("charmlp::cross_entropy_forward");
   return op;
 }
 
 const c10::TypedOperatorHandle<BackwardFn>& backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("charmlp::cross_entropy_backward", "").typed<BackwardFn>();
+  static const auto op = op_handle<BackwardFn>("charmlp::cross_entropy_backward");
   return op;
 }
 
@@ -155,13 +152,9 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
 
 at::Tensor cross_entropy_autograd(const at::Tensor& logits, const at::Tensor& targets, int64_t reduction,
                                   int64_t ignore_index) {
-  check_no_forward_ad(kLimits, {logits});
-  if (!(at::GradMode::is_enabled() && logits.requires_grad())) {  // nothing to record: skip the graph node
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return std::get<0>(forward_op().call(logits, targets, reduction, ignore_index));
-  }
-  check_no_functorch_transform(kLimits);
-  return CrossEntropyFunction::apply(logits, targets, reduction, ignore_index);
+  return autograd_kernel(
+      kLimits, {logits}, [&] { return std::get<0>(forward_op().call(logits, targets, reduction, ignore_index)); },
+      [&] { return CrossEntropyFunction::apply(logits, targets, reduction, ignore_index); });
 }
 
 // Below autograd (inference_mode, or a caller that already stripped autograd): the forward op's loss.
@@ -180,8 +173,7 @@ TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
 
 TORCH_LIBRARY_IMPL(charmlp, Autograd, m) {
   m.impl("cross_entropy", &charmlp::cross_entropy_autograd);
-  m.impl("cross_entropy_forward", torch::CppFunction::makeFromBoxedFunction<&charmlp::internal_op_autograd>());
-  m.impl("cross_entropy_backward", torch::CppFunction::makeFromBoxedFunction<&charmlp::internal_op_autograd>());
+  charmlp::register_internal_ops(m, {"cross_entropy_forward", "cross_entropy_backward"});
 }
 
 TORCH_LIBRARY_IMPL(charmlp, CompositeExplicitAutograd, m) {

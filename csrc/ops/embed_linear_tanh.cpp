@@ -18,7 +18,7 @@
 // PyTorch's MKL/Sleef kernels at big batch.
 #include "ops/embed_linear_tanh.h"
 
-#include "common/autograd_limits.h"
+#include "common/autograd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -603,15 +603,12 @@ using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Ten
                                                                    const at::Tensor&);
 
 const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("charmlp::embed_linear_tanh", "").typed<ForwardSig>();
+  static const auto op = op_handle<ForwardSig>("charmlp::embed_linear_tanh");
   return op;
 }
 
 const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("charmlp::embed_linear_tanh_backward", "")
-                             .typed<BackwardSig>();
+  static const auto op = op_handle<BackwardSig>("charmlp::embed_linear_tanh_backward");
   return op;
 }
 
@@ -660,15 +657,9 @@ class EmbedLinearTanhFunction : public torch::autograd::Function<EmbedLinearTanh
 
 at::Tensor embed_linear_tanh_autograd(const at::Tensor& idx, const at::Tensor& C, const at::Tensor& W1,
                                       const at::Tensor& b1) {
-  check_no_forward_ad(kLimits, {C, W1, b1});
-  const bool needs_grad =
-      at::GradMode::is_enabled() && (C.requires_grad() || W1.requires_grad() || b1.requires_grad());
-  if (!needs_grad) {  // nothing to record: skip the graph node
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return forward_op().call(idx, C, W1, b1);
-  }
-  check_no_functorch_transform(kLimits);
-  return EmbedLinearTanhFunction::apply(idx, C, W1, b1);
+  return autograd_kernel(
+      kLimits, {C, W1, b1}, [&] { return forward_op().call(idx, C, W1, b1); },
+      [&] { return EmbedLinearTanhFunction::apply(idx, C, W1, b1); });
 }
 
 }  // namespace
@@ -680,7 +671,7 @@ TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
 
 TORCH_LIBRARY_IMPL(charmlp, Autograd, m) {
   m.impl("embed_linear_tanh", &embed_linear_tanh_autograd);
-  m.impl("embed_linear_tanh_backward", torch::CppFunction::makeFromBoxedFunction<&internal_op_autograd>());
+  register_internal_ops(m, {"embed_linear_tanh_backward"});
 }
 
 }  // namespace charmlp

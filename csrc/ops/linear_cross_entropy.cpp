@@ -18,7 +18,7 @@
 // CompositeExplicitAutograd kernel and their registration. The CUDA kernels are in linear_cross_entropy_cuda.cu.
 #include "ops/cross_entropy.h"
 
-#include "common/autograd_limits.h"
+#include "common/autograd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -202,26 +202,20 @@ using CeForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const 
 using CeBackwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                 int64_t);
 
-// Looked up once: the dispatcher's schema search costs more than the seed-size kernel itself.
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
-
 const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
-  static const auto op = find_op<ForwardFn>("charmlp::linear_cross_entropy_forward");
+  static const auto op = op_handle<ForwardFn>("charmlp::linear_cross_entropy_forward");
   return op;
 }
 const c10::TypedOperatorHandle<BackwardFn>& backward_op() {
-  static const auto op = find_op<BackwardFn>("charmlp::linear_cross_entropy_backward");
+  static const auto op = op_handle<BackwardFn>("charmlp::linear_cross_entropy_backward");
   return op;
 }
 const c10::TypedOperatorHandle<CeForwardFn>& ce_forward_op() {
-  static const auto op = find_op<CeForwardFn>("charmlp::cross_entropy_forward");
+  static const auto op = op_handle<CeForwardFn>("charmlp::cross_entropy_forward");
   return op;
 }
 const c10::TypedOperatorHandle<CeBackwardFn>& ce_backward_op() {
-  static const auto op = find_op<CeBackwardFn>("charmlp::cross_entropy_backward");
+  static const auto op = op_handle<CeBackwardFn>("charmlp::cross_entropy_backward");
   return op;
 }
 
@@ -310,18 +304,15 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
 
 at::Tensor linear_cross_entropy_autograd(const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b2,
                                          const at::Tensor& targets, int64_t reduction, int64_t ignore_index) {
-  check_no_forward_ad(kLimits, {h, W2, b2});
-  const bool needs_grad =
-      at::GradMode::is_enabled() && (h.requires_grad() || W2.requires_grad() || b2.requires_grad());
-  if (!needs_grad) {  // nothing to record: skip the graph node
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return std::get<0>(forward_op().call(h, W2, b2, targets, reduction, ignore_index, /*compute_grad=*/false));
-  }
-  check_no_functorch_transform(kLimits);
-  // The route reads the shapes, so the arguments are checked here first (with the forward op's messages).
-  check_linear_cross_entropy_args(h, W2, b2, targets, reduction, /*allow_half=*/!h.is_cpu());
-  return LinearCrossEntropyFunction::apply(h, W2, b2, targets, reduction, ignore_index,
-                                           static_cast<int64_t>(choose_route(h, W2, reduction)));
+  return autograd_kernel(
+      kLimits, {h, W2, b2},
+      [&] { return std::get<0>(forward_op().call(h, W2, b2, targets, reduction, ignore_index, /*compute_grad=*/false)); },
+      [&] {
+        // The route reads the shapes, so the arguments are checked here first (with the forward op's messages).
+        check_linear_cross_entropy_args(h, W2, b2, targets, reduction, /*allow_half=*/!h.is_cpu());
+        return LinearCrossEntropyFunction::apply(h, W2, b2, targets, reduction, ignore_index,
+                                                 static_cast<int64_t>(choose_route(h, W2, reduction)));
+      });
 }
 
 at::Tensor linear_cross_entropy_composite(const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b2,
@@ -339,10 +330,7 @@ TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
 
 TORCH_LIBRARY_IMPL(charmlp, Autograd, m) {
   m.impl("linear_cross_entropy", &charmlp::linear_cross_entropy_autograd);
-  m.impl("linear_cross_entropy_forward",
-         torch::CppFunction::makeFromBoxedFunction<&charmlp::internal_op_autograd>());
-  m.impl("linear_cross_entropy_backward",
-         torch::CppFunction::makeFromBoxedFunction<&charmlp::internal_op_autograd>());
+  charmlp::register_internal_ops(m, {"linear_cross_entropy_forward", "linear_cross_entropy_backward"});
 }
 
 TORCH_LIBRARY_IMPL(charmlp, CompositeExplicitAutograd, m) {

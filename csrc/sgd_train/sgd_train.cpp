@@ -10,6 +10,7 @@
 // The plain reference of the loop is the seed's notebook loop (charmlp_fast/reference.py + steppers.EagerStepper);
 // tests/test_persistent.py checks this kernel against it step by step.
 #include "sgd_train/sgd_train.h"
+#include "common/autograd.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
@@ -232,8 +233,7 @@ std::string sgd_train_cpu_isa() { return isa().name; }
 
 // The op's handle, looked up once: the Autograd and ADInplaceOrView kernels below redispatch through it.
 const c10::TypedOperatorHandle<decltype(sgd_train_cpu)>& sgd_train_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("charmlp::sgd_train", "").typed<decltype(sgd_train_cpu)>();
+  static const auto op = op_handle<decltype(sgd_train_cpu)>("charmlp::sgd_train");
   return op;
 }
 

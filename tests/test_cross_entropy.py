@@ -251,13 +251,13 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2"])
-def test_cpu_isa_variants(capability):
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpu_isa_variants(isa):
     """The CPU row kernels are compiled per ISA (16-byte vectors, AVX2 + FMA, AVX-512) and picked at run time; run
-    the ones this machine would not pick, through PyTorch's ATEN_CPU_CAPABILITY cap, against float64 (fresh
+    the ones this machine would not pick, through the CHARMLP_CPU_ISA cap (csrc/cpu/isa.h), against float64 (fresh
     process: the choice is made once)."""
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(root)}
+    env = {**os.environ, "CHARMLP_CPU_ISA": isa, "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 

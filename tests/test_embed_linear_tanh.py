@@ -9,6 +9,10 @@ the latter skipped with a reason when no GPU is visible.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +103,28 @@ def test_matches_reference(shape, dtype, device):
     ours = forward_and_grads(ops.embed_linear_tanh, idx, C, W1, b1, grad_h)
     assert ours[0].shape == (shape[0], shape[3])
     check_against_truth(ours, idx, C, W1, b1, grad_h)
+
+
+_VARIANT_SCRIPT = r"""
+import torch
+from charmlp_fast import ops
+from tests.test_embed_linear_tanh import FLOAT_DTYPES, SHAPES, check_against_truth, forward_and_grads, make_inputs
+for shape in SHAPES:
+    for dtype in FLOAT_DTYPES:
+        idx, C, W1, b1, grad_h = make_inputs(*shape, "cpu", dtype, seed=sum(shape))
+        check_against_truth(forward_and_grads(ops.embed_linear_tanh, idx, C, W1, b1, grad_h), idx, C, W1, b1, grad_h)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpu_isa_variants(isa):
+    """The CPU kernels are compiled per ISA (csrc/cpu/isa.h) and picked at run time; run the ones this machine
+    would not pick, through the CHARMLP_CPU_ISA cap, against float64 (fresh process: the choice is made once)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CHARMLP_CPU_ISA": isa, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    done = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @requires_cuda

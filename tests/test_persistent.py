@@ -6,8 +6,12 @@ fed the same minibatch indices. CPU always; CUDA parametrised and skipped with a
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,6 +204,65 @@ def test_matches_reference_first_100_steps(device, gemm, V, T, E, H, B, index_dt
             assert err <= 1e-4, f"{name} after {stop} steps: relative error {err:.3g}"
         done = stop
     assert_close(torch.cat(losses), ref_losses, rtol=1e-4, name="per-step losses")
+
+
+def per_op_loss(params, X, Y, rows):
+    """The loss of one minibatch on model 0's parameters -> (charmlp_fast's per-op path in float32, the float64
+    truth in plain PyTorch)."""
+    C, W1, b1, W2, b2 = [p[0] for p in params]
+    x, y = X[rows].long(), Y[rows].long()
+    per_op = ops.cross_entropy(ops.embed_linear_tanh(x, C, W1, b1) @ W2 + b2, y)
+    C, W1, b1, W2, b2 = [p[0].double() for p in params]
+    truth = torch.nn.functional.cross_entropy(torch.tanh(C[x].flatten(1) @ W1 + b1) @ W2 + b2, y)
+    return per_op, truth
+
+
+@pytest.mark.parametrize("device,gemm", IMPLS)
+@pytest.mark.parametrize("V,T,E,H,B", [SHAPES[0], SHAPES[2]])
+@pytest.mark.parametrize("case", ["typical", "target_dominates"])
+def test_first_step_loss_equals_the_per_op_loss(device, gemm, V, T, E, H, B, case, monkeypatch):
+    """The loss sgd_train reports for its first step (loss_every=1) is the loss of the per-op path (ops.cross_entropy
+    on the same parameters and minibatch) and of float64 PyTorch, to the op tests' float32 tolerance (1e-5, see
+    test_cross_entropy.py), also where the target's logit dominates every row (loss ~5e-8): only a loss computed
+    as log1p(sum_{j != t} exp(x_j - x_t)) keeps its digits there, max + log(sum) - x_t rounds it to 0 or ~2e-6."""
+    monkeypatch.setenv("CHARMLP_CPU_GEMM", gemm)
+    if runs_cuda_kernels(device):
+        reason, _ = device_train.cuda_plan(V, T, E, H, B)
+        if reason:
+            pytest.skip(reason)
+    X, Y = make_data(V, T, 500, seed=V + H)
+    params = init_params(V, T, E, H, seed=H)
+    if case == "target_dominates":
+        Y = torch.full_like(Y, V // 2)
+        params[4][0, V // 2] = 20.0  # b2: the target's logit ~20 above every other one
+    rows = torch.randint(0, X.shape[0], (1, B), generator=torch.Generator().manual_seed(B))
+    per_op, truth = per_op_loss(params, X, Y, rows[0])
+    if case == "target_dominates":
+        assert 1e-9 < truth < 1e-6, truth
+    dev_params = [p.to(device, copy=True) for p in params]
+    losses = device_train.sgd_train(dev_params, X.to(device), Y.to(device), torch.tensor([0.1]).to(device),
+                                    batch_idx=rows.to(device), batch_size=B, loss_every=1)
+    loss = losses[0, 0].cpu()
+    assert_close(loss.double(), truth, rtol=1e-5, name="first-step loss against float64")
+    assert_close(loss, per_op, rtol=1e-5, name="first-step loss against the per-op path")
+
+
+def test_cpu_isa_override():
+    """CHARMLP_CPU_ISA caps the instruction set of every CPU kernel (csrc/cpu/isa.h), and sgd_train_cpu_isa
+    reports the one in use; an unknown value is an error (fresh processes: the choice is made once)."""
+    root = Path(__file__).resolve().parents[1]
+    order = ["baseline", "avx2", "avx512"]
+    native = torch.ops.charmlp.sgd_train_cpu_isa()
+    assert native in order
+    script = "import charmlp_fast.ops, torch; print(torch.ops.charmlp.sgd_train_cpu_isa())"
+    for isa in order + ["avx1"]:
+        env = {**os.environ, "CHARMLP_CPU_ISA": isa, "PYTHONPATH": str(root)}
+        done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+        if isa == "avx1":
+            assert done.returncode != 0 and "CHARMLP_CPU_ISA must be avx512, avx2 or baseline" in done.stderr
+        else:
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert done.stdout.strip() == order[min(order.index(isa), order.index(native))]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,13 +12,15 @@
 // scatter-added into the rows of grad_C at the end. The reductions over B use a partition of the rows that
 // depends only on B (not on the thread count), so CPU results are bitwise reproducible in every mode.
 //
-// The hot loops use GCC/Clang vector extensions (64-byte vectors) and are compiled three times: AVX-512,
-// AVX2+FMA and the baseline ISA, chosen once at load time. Why: extensions are built without -march
-// flags, so the baseline (SSE2) alone would run the GEMM-shaped loops and tanh 4-8x slower than eager
-// PyTorch's MKL/Sleef kernels at big batch.
+// The hot loops use the CPU vector layer (cpu/vec.h, 64-byte vectors whatever the ISA: narrower ISAs run them
+// as two or four native vectors) and are compiled once per instruction set (cpu/isa.h). Why: extensions are
+// built without -march flags, so the baseline (SSE2) alone would run the GEMM-shaped loops and tanh 4-8x slower
+// than eager PyTorch's MKL/Sleef kernels at big batch.
 #include "ops/embed_linear_tanh.h"
 
 #include "common/autograd.h"
+#include "cpu/isa.h"
+#include "cpu/vec.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -43,22 +45,6 @@
 // this file is compiled with -fopenmp (extra_compile_args and extra_link_args in setup.py); without it the
 // large-size paths below run on one thread.
 
-// Every function taking or returning a vector is force-inlined into one ISA-specific caller, so the
-// "vector argument changes the ABI" note never applies.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-#define CHARMLP_ALWAYS_INLINE inline __attribute__((always_inline))
-// A lambda is a function of its own: without this it would be compiled for the baseline ISA even inside an
-// AVX-512 clone.
-#define CHARMLP_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
-#if defined(__x86_64__)
-#define CHARMLP_X86_CLONES 1
-#define CHARMLP_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define CHARMLP_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define CHARMLP_X86_CLONES 0
-#endif
-
 namespace charmlp {
 namespace {
 
@@ -76,17 +62,7 @@ constexpr int64_t kMinTaskWork = 1 << 17;  // multiply-adds below which a parall
 
 // ---- 64-byte vectors ------------------------------------------------------------------------------------
 template <typename T>
-struct Vec {
-  static constexpr int kSize = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
-};
-
-template <typename V, typename T>
-CHARMLP_ALWAYS_INLINE V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
+using Vec = cpu::Vec<T, 64>;
 
 // Scratch whose every element is written before it is read: no zero fill.
 template <typename T>
@@ -94,53 +70,11 @@ std::unique_ptr<T[]> scratch(int64_t n) {
   return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
 }
 
-// ---- tanh ------------------------------------------------------------------------------------------------
-// float: Cephes' tanhf (relative error ~1.3e-7 on [-2, 2]) written with vector operations so that it runs
-// 16 lanes at a time; glibc's scalar tanhf would cost more than the whole GEMM at the seed's size.
-//   |x| < 0.625: x + x^3 P(x^2);  otherwise 1 - 2 / (exp(2|x|) + 1), with |x| clamped to 10 (tanh rounds to
-//   exactly 1 in float from |x| = 9.01 on) and exp by Cody-Waite range reduction + degree-5 polynomial +
-//   exponent bits.
-CHARMLP_ALWAYS_INLINE Vec<float>::type tanh_vec(Vec<float>::type x) {
-  using VF = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(64)));
-  const VF ax = x < 0.0f ? -x : x;
-  // Large |x|.
-  const VF z = 2.0f * (ax < 10.0f ? ax : VF{} + 10.0f);  // in [0, 20]
-  const VI n = __builtin_convertvector(z * 1.44269504088896341f + 0.5f, VI);  // floor, as the argument is >= 0
-  const VF nf = __builtin_convertvector(n, VF);
-  VF r = z - nf * 0.693359375f;
-  r = r - nf * -2.12194440e-4f;
-  VF p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const VF two_n = (VF)((n + 127) << 23);  // 2^n through the exponent bits, n in [0, 29]
-  const VF big = 1.0f - 2.0f / (p * two_n + 1.0f);
-  // Small |x|.
-  const VF s = x * x;
-  VF q = -5.70498872745e-3f * s + 2.06390887954e-2f;
-  q = q * s - 5.37397155531e-2f;
-  q = q * s + 1.33314422036e-1f;
-  q = q * s - 3.33332819422e-1f;
-  const VF small = q * s * ax + ax;
-  const VF res = ax < 0.625f ? small : big;
-  const VF signed_res = x < 0.0f ? -res : res;
-  return x != x ? x : signed_res;  // NaN stays NaN
-}
-
-// double: accuracy first (float64 exists here for gradcheck and references), so the libm tanh per lane.
-CHARMLP_ALWAYS_INLINE Vec<double>::type tanh_vec(Vec<double>::type x) {
-  for (int j = 0; j < Vec<double>::kSize; ++j) x[j] = std::tanh(x[j]);
-  return x;
-}
-
 // ---- gather -----------------------------------------------------------------------------------------------
 // x (nrows, K) = C[idx[r0:r0+nrows]].view(nrows, K): the concatenated embedding rows of one block. A plain
 // loop, not memcpy: E is small, and a libc call per (row, t) would spill the vector registers around it.
 template <typename scalar_t, typename index_t>
-CHARMLP_ALWAYS_INLINE void gather_rows(const index_t* idx, const scalar_t* C, int64_t T, int64_t E, int64_t V,
+CHARMLP_CPU_INLINE void gather_rows(const index_t* idx, const scalar_t* C, int64_t T, int64_t E, int64_t V,
                                        int64_t r0, int64_t nrows, scalar_t* x) {
   for (int64_t r = 0; r < nrows; ++r) {
     for (int64_t t = 0; t < T; ++t) {
@@ -160,13 +94,13 @@ CHARMLP_ALWAYS_INLINE void gather_rows(const index_t* idx, const scalar_t* C, in
 // grad_W1 += x^T @ grad_pre (i = k, j = row) and grad_emb = grad_pre @ W1^T (i = row, j = n): each b vector
 // is loaded once and used MR times, each a scalar broadcast once and used NC times.
 template <typename T, int MR, int NC>
-CHARMLP_ALWAYS_INLINE void rank_update(typename Vec<T>::type (&acc)[MR][NC], const T* a, int64_t a_i, int64_t a_j,
+CHARMLP_CPU_INLINE void rank_update(typename Vec<T>::V (&acc)[MR][NC], const T* a, int64_t a_i, int64_t a_j,
                                        const T* b, int64_t ldb, int64_t J) {
-  using V = typename Vec<T>::type;
-  constexpr int NV = Vec<T>::kSize;
+  using V = typename Vec<T>::V;
+  constexpr int NV = Vec<T>::N;
   for (int64_t j = 0; j < J; ++j) {
     V bj[NC];
-    for (int c = 0; c < NC; ++c) bj[c] = vload<V>(b + j * ldb + c * NV);
+    for (int c = 0; c < NC; ++c) bj[c] = Vec<T>::load(b + j * ldb + c * NV);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const T aij = a[i * a_i + j * a_j];
@@ -178,19 +112,19 @@ CHARMLP_ALWAYS_INLINE void rank_update(typename Vec<T>::type (&acc)[MR][NC], con
 // h[r, 0:NC*NV) = tanh(b1[0:] + x[r] @ W[:, 0:]) for MR rows r; W is (K, ldw), h rows are H apart.
 // kPartial (NC = 1): only `width` < NV columns exist (H < NV; W and b1 then come zero-padded to NV).
 template <typename T, int MR, int NC, bool kPartial>
-CHARMLP_ALWAYS_INLINE void forward_micro(const T* x, const T* W, int64_t ldw, const T* b1, T* h, int64_t K,
+CHARMLP_CPU_INLINE void forward_micro(const T* x, const T* W, int64_t ldw, const T* b1, T* h, int64_t K,
                                          int64_t H, int width) {
-  using V = typename Vec<T>::type;
-  constexpr int NV = Vec<T>::kSize;
+  using V = typename Vec<T>::V;
+  constexpr int NV = Vec<T>::N;
   V acc[MR][NC];
   for (int c = 0; c < NC; ++c) {
-    const V bias = vload<V>(b1 + c * NV);
+    const V bias = Vec<T>::load(b1 + c * NV);
     for (int i = 0; i < MR; ++i) acc[i][c] = bias;
   }
   rank_update<T, MR, NC>(acc, x, K, 1, W, ldw, K);
   for (int i = 0; i < MR; ++i) {
     for (int c = 0; c < NC; ++c) {
-      const V y = tanh_vec(acc[i][c]);
+      const V y = Vec<T>::tanh(acc[i][c]);
       if constexpr (kPartial) {
         for (int j = 0; j < width; ++j) h[i * H + j] = y[j];
       } else {
@@ -203,12 +137,12 @@ CHARMLP_ALWAYS_INLINE void forward_micro(const T* x, const T* W, int64_t ldw, co
 // gW[i, 0:NC*NV) += sum_r x[r, i] * p[r, 0:NC*NV) for MR columns i of x (rows of grad_W1); gW and p rows
 // are ld apart.
 template <typename T, int MR, int NC>
-CHARMLP_ALWAYS_INLINE void grad_w_micro(const T* x, const T* p, T* gW, int64_t rows, int64_t K, int64_t ld) {
-  using V = typename Vec<T>::type;
-  constexpr int NV = Vec<T>::kSize;
+CHARMLP_CPU_INLINE void grad_w_micro(const T* x, const T* p, T* gW, int64_t rows, int64_t K, int64_t ld) {
+  using V = typename Vec<T>::V;
+  constexpr int NV = Vec<T>::N;
   V acc[MR][NC];
   for (int i = 0; i < MR; ++i)
-    for (int c = 0; c < NC; ++c) acc[i][c] = vload<V>(gW + i * ld + c * NV);
+    for (int c = 0; c < NC; ++c) acc[i][c] = Vec<T>::load(gW + i * ld + c * NV);
   rank_update<T, MR, NC>(acc, x, 1, K, p, ld, rows);
   for (int i = 0; i < MR; ++i)
     for (int c = 0; c < NC; ++c) std::memcpy(gW + i * ld + c * NV, &acc[i][c], sizeof(V));
@@ -217,9 +151,9 @@ CHARMLP_ALWAYS_INLINE void grad_w_micro(const T* x, const T* p, T* gW, int64_t r
 // gE[r, 0:NC*NV) = p[r, :H] @ WT[:H, 0:NC*NV) for MR rows r: grad_emb = grad_pre @ W1^T with W1
 // pre-transposed to WT (H, Kp) so that vectors run along k.
 template <typename T, int MR, int NC>
-CHARMLP_ALWAYS_INLINE void grad_emb_micro(const T* p, int64_t Hp, const T* WT, int64_t Kp, int64_t H, T* gE) {
-  using V = typename Vec<T>::type;
-  constexpr int NV = Vec<T>::kSize;
+CHARMLP_CPU_INLINE void grad_emb_micro(const T* p, int64_t Hp, const T* WT, int64_t Kp, int64_t H, T* gE) {
+  using V = typename Vec<T>::V;
+  constexpr int NV = Vec<T>::N;
   V acc[MR][NC] = {};
   rank_update<T, MR, NC>(acc, p, Hp, 1, WT, Kp, H);
   for (int i = 0; i < MR; ++i)
@@ -229,7 +163,7 @@ CHARMLP_ALWAYS_INLINE void grad_emb_micro(const T* p, int64_t Hp, const T* WT, i
 // Run `Micro` (one of the three above, as a functor template) over `count` register-block rows: blocks of
 // kMicroRows, then one block of exactly the remaining count % kMicroRows.
 template <template <int, int> class Micro, int NC, int R = kMicroRows - 1, typename... Args>
-CHARMLP_ALWAYS_INLINE void micro_rest(int rest, Args... args) {
+CHARMLP_CPU_INLINE void micro_rest(int rest, Args... args) {
   if constexpr (R > 0) {
     if (rest == R) return Micro<R, NC>::run(args...);
     micro_rest<Micro, NC, R - 1>(rest, args...);
@@ -249,7 +183,7 @@ struct Problem {
 // The column chunks of a row of `cols` columns (a multiple of NV, or overlapping at the end, see below):
 // chunks of NC vectors first, then single vectors. NC > 1 only where there are registers for it (AVX-512).
 template <int NC, typename F>
-CHARMLP_ALWAYS_INLINE void for_column_chunks(int64_t cols, int64_t NV, bool overlap_last, F&& chunk) {
+CHARMLP_CPU_INLINE void for_column_chunks(int64_t cols, int64_t NV, bool overlap_last, F&& chunk) {
   int64_t n0 = 0;
   if constexpr (NC > 1) {
     for (; n0 + NC * NV <= cols; n0 += NC * NV) chunk(n0, std::integral_constant<int, NC>{});
@@ -261,7 +195,7 @@ template <typename T, bool kPartial>
 struct ForwardMicro {
   template <int MR, int NC>
   struct At {
-    CHARMLP_ALWAYS_INLINE static void run(const T* x, const T* W, int64_t ldw, const T* b1, T* h, int64_t K, int64_t H,
+    CHARMLP_CPU_INLINE static void run(const T* x, const T* W, int64_t ldw, const T* b1, T* h, int64_t K, int64_t H,
                                           int width) {
       forward_micro<T, MR, NC, kPartial>(x, W, ldw, b1, h, K, H, width);
     }
@@ -272,9 +206,9 @@ struct ForwardMicro {
 // chunk starts at H - NV and recomputes a few columns (same values) instead of taking a masked tail;
 // when H < NV, W and b1 arrive zero-padded to NV columns and only the stores are partial.
 template <typename scalar_t, typename index_t, int NC>
-CHARMLP_ALWAYS_INLINE void forward_blocks_impl(const Problem<scalar_t, index_t>& pb, const scalar_t* b1,
+CHARMLP_CPU_INLINE void forward_blocks_impl(const Problem<scalar_t, index_t>& pb, const scalar_t* b1,
                                                scalar_t* h, int64_t block_begin, int64_t block_end) {
-  constexpr int NV = Vec<scalar_t>::kSize;
+  constexpr int NV = Vec<scalar_t>::N;
   constexpr int MR = kMicroRows;
   const int64_t K = pb.K, H = pb.H;
   const auto xbuf = scratch<scalar_t>(std::min(kRowBlock, pb.B) * K);  // x is (rows, K)
@@ -292,7 +226,7 @@ CHARMLP_ALWAYS_INLINE void forward_blocks_impl(const Problem<scalar_t, index_t>&
       continue;
     }
     // Column chunks outside, rows inside: a (K, NC * NV) slab of W stays in L1 for the whole block.
-    for_column_chunks<NC>(H, NV, /*overlap_last=*/true, [&](int64_t n0, auto nc) CHARMLP_ALWAYS_INLINE_LAMBDA {
+    for_column_chunks<NC>(H, NV, /*overlap_last=*/true, [&](int64_t n0, auto nc) CHARMLP_CPU_INLINE_LAMBDA {
       constexpr int C = decltype(nc)::value;
       using M = ForwardMicro<scalar_t, false>;
       int64_t r = 0;
@@ -308,7 +242,7 @@ template <typename T>
 struct GradWMicro {
   template <int MR, int NC>
   struct At {
-    CHARMLP_ALWAYS_INLINE static void run(const T* x, const T* p, T* gW, int64_t rows, int64_t K, int64_t ld) {
+    CHARMLP_CPU_INLINE static void run(const T* x, const T* p, T* gW, int64_t rows, int64_t K, int64_t ld) {
       grad_w_micro<T, MR, NC>(x, p, gW, rows, K, ld);
     }
   };
@@ -318,7 +252,7 @@ template <typename T>
 struct GradEmbMicro {
   template <int MR, int NC>
   struct At {
-    CHARMLP_ALWAYS_INLINE static void run(const T* p, int64_t Hp, const T* WT, int64_t Kp, int64_t H, T* gE) {
+    CHARMLP_CPU_INLINE static void run(const T* p, int64_t Hp, const T* WT, int64_t Kp, int64_t H, T* gE) {
       grad_emb_micro<T, MR, NC>(p, Hp, WT, Kp, H, gE);
     }
   };
@@ -338,11 +272,11 @@ struct BackwardOperands {
 // gb (Hp) += colsum(grad_pre), grad_emb rows = grad_pre @ W1^T. grad_pre is kept in a (rows, Hp) buffer
 // whose pad columns are zero, so the column chunks of gW and gb need no tail handling.
 template <typename scalar_t, typename index_t, int NC>
-CHARMLP_ALWAYS_INLINE void backward_rows_impl(const Problem<scalar_t, index_t>& pb,
+CHARMLP_CPU_INLINE void backward_rows_impl(const Problem<scalar_t, index_t>& pb,
                                               const BackwardOperands<scalar_t>& op, scalar_t* gW, scalar_t* gb,
                                               int64_t row_begin, int64_t row_end) {
-  using V = typename Vec<scalar_t>::type;
-  constexpr int NV = Vec<scalar_t>::kSize;
+  using V = typename Vec<scalar_t>::V;
+  constexpr int NV = Vec<scalar_t>::N;
   constexpr int MR = kMicroRows;
   const int64_t K = pb.K, H = pb.H, Hp = op.Hp, Kp = op.Kp;
   const int64_t block_rows = std::min(kRowBlock, row_end - row_begin);
@@ -361,8 +295,8 @@ CHARMLP_ALWAYS_INLINE void backward_rows_impl(const Problem<scalar_t, index_t>& 
       scalar_t* pr = p + r * Hp;
       int64_t n = 0;
       for (; n + NV <= H; n += NV) {
-        const V y = vload<V>(hh + n);
-        const V g = vload<V>(gh + n) * (scalar_t(1) - y * y);  // tanh_backward, NV lanes at a time
+        const V y = Vec<scalar_t>::load(hh + n);
+        const V g = Vec<scalar_t>::load(gh + n) * (scalar_t(1) - y * y);  // tanh_backward, NV lanes at a time
         std::memcpy(pr + n, &g, sizeof(V));
       }
       for (; n < H; ++n) pr[n] = tanh_backward(gh[n], hh[n]);
@@ -371,13 +305,13 @@ CHARMLP_ALWAYS_INLINE void backward_rows_impl(const Problem<scalar_t, index_t>& 
 
     // grad_b1 = column sums of grad_pre.
     for (int64_t n0 = 0; n0 < Hp; n0 += NV) {
-      V acc = vload<V>(gb + n0);
-      for (int64_t r = 0; r < rows; ++r) acc += vload<V>(p + r * Hp + n0);
+      V acc = Vec<scalar_t>::load(gb + n0);
+      for (int64_t r = 0; r < rows; ++r) acc += Vec<scalar_t>::load(p + r * Hp + n0);
       std::memcpy(gb + n0, &acc, sizeof(V));
     }
 
     // grad_W1 += emb^T @ grad_pre: register blocks of MR rows of grad_W1 (= columns k of emb).
-    for_column_chunks<NC>(Hp, NV, /*overlap_last=*/false, [&](int64_t n0, auto nc) CHARMLP_ALWAYS_INLINE_LAMBDA {
+    for_column_chunks<NC>(Hp, NV, /*overlap_last=*/false, [&](int64_t n0, auto nc) CHARMLP_CPU_INLINE_LAMBDA {
       constexpr int C = decltype(nc)::value;
       int64_t k = 0;
       for (; k + MR <= K; k += MR) GradWMicro<scalar_t>::template At<MR, C>::run(x + k, p + n0, gW + k * Hp + n0, rows, K, Hp);
@@ -386,7 +320,7 @@ CHARMLP_ALWAYS_INLINE void backward_rows_impl(const Problem<scalar_t, index_t>& 
 
     // grad_emb = grad_pre @ W1^T.
     scalar_t* gE = op.grad_emb + r0 * Kp;
-    for_column_chunks<NC>(Kp, NV, /*overlap_last=*/false, [&](int64_t k0, auto nc) CHARMLP_ALWAYS_INLINE_LAMBDA {
+    for_column_chunks<NC>(Kp, NV, /*overlap_last=*/false, [&](int64_t k0, auto nc) CHARMLP_CPU_INLINE_LAMBDA {
       constexpr int C = decltype(nc)::value;
       int64_t r = 0;
       for (; r + MR <= rows; r += MR)
@@ -398,58 +332,26 @@ CHARMLP_ALWAYS_INLINE void backward_rows_impl(const Problem<scalar_t, index_t>& 
 }
 
 // ---- ISA clones --------------------------------------------------------------------------------------------
-enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
+// The *_impl kernels compiled for the CPU's instruction set (cpu/isa.h). The register block is 6 rows x 2 vectors
+// with AVX-512 (12 of 32 zmm accumulators), 6 x 1 otherwise (12 of 16 ymm on AVX2).
+template <cpu::Isa I>
+constexpr int kColVectors = I == cpu::Isa::kAvx512 ? 2 : 1;
 
-CpuIsa detect_isa() {
-#if CHARMLP_X86_CLONES
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    return CpuIsa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::kAvx2;
-#endif
-  return CpuIsa::kBaseline;
+template <typename scalar_t, typename index_t>
+void forward_blocks(const Problem<scalar_t, index_t>& pb, const scalar_t* b1, scalar_t* h, int64_t block_begin,
+                    int64_t block_end) {
+  cpu::with_isa(cpu::cpu_isa(), [&](auto isa) CHARMLP_CPU_INLINE_LAMBDA {
+    forward_blocks_impl<scalar_t, index_t, kColVectors<decltype(isa)::isa>>(pb, b1, h, block_begin, block_end);
+  });
 }
 
-CpuIsa cpu_isa() {
-  static const CpuIsa isa = detect_isa();
-  return isa;
+template <typename scalar_t, typename index_t>
+void backward_rows(const Problem<scalar_t, index_t>& pb, const BackwardOperands<scalar_t>& op, scalar_t* gW,
+                   scalar_t* gb, int64_t row_begin, int64_t row_end) {
+  cpu::with_isa(cpu::cpu_isa(), [&](auto isa) CHARMLP_CPU_INLINE_LAMBDA {
+    backward_rows_impl<scalar_t, index_t, kColVectors<decltype(isa)::isa>>(pb, op, gW, gb, row_begin, row_end);
+  });
 }
-
-// `name` (the dispatcher) calls name##_impl compiled for the best ISA the CPU has. The register block is
-// 6 rows x 2 vectors with AVX-512 (12 of 32 zmm accumulators), 6 x 1 otherwise (12 of 16 ymm on AVX2).
-#if CHARMLP_X86_CLONES
-#define CHARMLP_DEFINE_ISA_CLONES(name)                                                          \
-  template <typename scalar_t, typename index_t, typename... Args>                               \
-  CHARMLP_TARGET_AVX512 void name##_avx512(Args... args) {                                       \
-    name##_impl<scalar_t, index_t, 2>(args...);                                                  \
-  }                                                                                              \
-  template <typename scalar_t, typename index_t, typename... Args>                               \
-  CHARMLP_TARGET_AVX2 void name##_avx2(Args... args) {                                           \
-    name##_impl<scalar_t, index_t, 1>(args...);                                                  \
-  }                                                                                              \
-  template <typename scalar_t, typename index_t, typename... Args>                               \
-  void name##_baseline(Args... args) {                                                           \
-    name##_impl<scalar_t, index_t, 1>(args...);                                                  \
-  }                                                                                              \
-  template <typename scalar_t, typename index_t, typename... Args>                               \
-  void name(Args... args) {                                                                      \
-    switch (cpu_isa()) {                                                                         \
-      case CpuIsa::kAvx512: return name##_avx512<scalar_t, index_t>(args...);                    \
-      case CpuIsa::kAvx2: return name##_avx2<scalar_t, index_t>(args...);                        \
-      default: return name##_baseline<scalar_t, index_t>(args...);                              \
-    }                                                                                            \
-  }
-#else
-#define CHARMLP_DEFINE_ISA_CLONES(name)                                                          \
-  template <typename scalar_t, typename index_t, typename... Args>                               \
-  void name(Args... args) {                                                                      \
-    name##_impl<scalar_t, index_t, 1>(args...);                                                  \
-  }
-#endif
-
-CHARMLP_DEFINE_ISA_CLONES(forward_blocks)
-CHARMLP_DEFINE_ISA_CLONES(backward_rows)
 
 // ---- host functions ----------------------------------------------------------------------------------------
 template <typename scalar_t, typename index_t>
@@ -481,7 +383,7 @@ at::Tensor embed_linear_tanh_cpu(const at::Tensor& idx, const at::Tensor& C, con
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, kRowBlock * s.K * s.H));
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "embed_linear_tanh_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "embed_linear_tanh_cpu", [&] {
-      constexpr int NV = Vec<scalar_t>::kSize;
+      constexpr int NV = Vec<scalar_t>::N;
       const scalar_t* W = W1_c->const_data_ptr<scalar_t>();
       const scalar_t* bias = b1_c->const_data_ptr<scalar_t>();
       int64_t ldw = s.H;
@@ -535,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cpu(co
 
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "embed_linear_tanh_backward_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "embed_linear_tanh_backward_cpu", [&] {
-      constexpr int NV = Vec<scalar_t>::kSize;
+      constexpr int NV = Vec<scalar_t>::N;
       const int64_t Hp = (s.H + NV - 1) / NV * NV;
       const int64_t Kp = std::max<int64_t>(NV, (s.K + NV - 1) / NV * NV);
       const int64_t K = s.K, H = s.H, T = s.T, E = s.E;

@@ -12,6 +12,9 @@
 #include "sgd_train/sgd_train.h"
 #include "common/autograd.h"
 
+#include "cpu/isa.h"
+#include "sgd_train/sgd_train_cpu_kernels.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -33,24 +36,8 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
-#define CHARMLP_X86_MULTIVERSION 1
-#endif
-
 namespace charmlp {
 namespace cpu_train {
-
-// How the CPU loop computes its matrix products: register-tiled SIMD code, BLAS (at::mm), or by size.
-enum class CpuGemm { kAuto, kSimd, kBlas };
-
-// SgdTrainArgs (sgd_train.h) with the index dtype decided at run time, the sizes the loop's layouts need, and
-// how it computes its products.
-struct CpuTrainArgs : SgdTrainArgs<void> {
-  bool idx64;  // X and Y are int64 (else int32)
-  int64_t M, V, E, T, H, B;
-  CpuGemm gemm;
-};
 
 // MKL's per-thread thread count, C interface (mkl_service.h's mkl_set_num_threads_local; the lower-case symbol is
 // the Fortran one, which takes a pointer). Exported by the libtorch that bundles MKL; null where torch uses another
@@ -81,7 +68,7 @@ constexpr int64_t kBlasTile = 256;  // at most this many rows (or columns) of ou
 // run on the intra-op threads. The tiles and each tile's arithmetic depend on the sizes alone, so the result is the same for
 // any thread count and any number of models side by side (on a BLAS other than MKL, as far as that BLAS is
 // single-threaded inside a parallel region).
-void blas_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta = 0.f, float alpha = 1.f) {
+void blas_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta, float alpha) {
   const int64_t R = out.size(0), N = out.size(1), K = a.size(1);
   const bool by_rows = R >= N;
   const int64_t D = by_rows ? R : N;  // the dimension that is cut
@@ -97,7 +84,7 @@ void blas_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
       o.addmm_(x, y, beta, alpha);  // beta 0 ignores what out held, as BLAS does
     }
   };
-  // Fork only when the product repays it (as maybe_parallel in sgd_train_cpu_kernels.h decides for its loops).
+  // Fork only when the product repays it (as Kernels::maybe_parallel in sgd_train_cpu_kernels.h decides).
   if (tiles > 1 && R * N * K >= (int64_t(1) << 20)) {
     at::parallel_for(0, tiles, 1, run);
   } else {
@@ -108,68 +95,8 @@ void blas_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
 }  // namespace cpu_train
 }  // namespace charmlp
 
-// The loop body, once per instruction set (see sgd_train_cpu_kernels.h for why).
-#if CHARMLP_X86_MULTIVERSION
-namespace charmlp::cpu_train::avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
-#define CHARMLP_VW 16
-#define CHARMLP_VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
-#include "sgd_train/sgd_train_cpu_kernels.h"
-#undef CHARMLP_VFMA
-#undef CHARMLP_VW
-#pragma GCC pop_options
-}  // namespace charmlp::cpu_train::avx512
-
-namespace charmlp::cpu_train::avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define CHARMLP_VW 8
-#define CHARMLP_VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
-#include "sgd_train/sgd_train_cpu_kernels.h"
-#undef CHARMLP_VFMA
-#undef CHARMLP_VW
-#pragma GCC pop_options
-}  // namespace charmlp::cpu_train::avx2
-#endif
-
-namespace charmlp::cpu_train::baseline {
-#define CHARMLP_VW 4
-#define CHARMLP_VFMA(a, b, c) ((a) * (b) + (c))
-#include "sgd_train/sgd_train_cpu_kernels.h"
-#undef CHARMLP_VFMA
-#undef CHARMLP_VW
-}  // namespace charmlp::cpu_train::baseline
-
 namespace charmlp {
 namespace {
-
-// The widest instruction set of this CPU, decided once. CHARMLP_CPU_ISA=avx512|avx2|baseline overrides it (to
-// compare them, or to reproduce another machine's rounding).
-using TrainFn = void (*)(const cpu_train::CpuTrainArgs&);
-struct IsaChoice {
-  const char* name;
-  TrainFn fn;
-};
-
-IsaChoice choose_isa() {
-  const char* env = std::getenv("CHARMLP_CPU_ISA");
-  const std::string want = env ? env : "";
-#if CHARMLP_X86_MULTIVERSION
-  __builtin_cpu_init();
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if ((want.empty() || want == "avx512") && has512) return {"avx512", &cpu_train::avx512::train_models};
-  if ((want.empty() || want == "avx512" || want == "avx2") && has2) return {"avx2", &cpu_train::avx2::train_models};
-#endif
-  return {"baseline", &cpu_train::baseline::train_models};
-}
-
-const IsaChoice& isa() {
-  static const IsaChoice choice = choose_isa();
-  return choice;
-}
 
 // CHARMLP_CPU_GEMM=simd|blas forces one way of computing the products (tests cover both); default: by size.
 cpu_train::CpuGemm gemm_choice() {
@@ -194,7 +121,7 @@ at::Tensor sgd_train_cpu(const at::Tensor& C, const at::Tensor& W1, const at::Te
   const SgdTrainInputs inputs(X, Y, lrs, seeds, batch_idx);
   const cpu_train::CpuTrainArgs a{inputs.args<void>(C, W1, b1, W2, b2, losses, s, start_step),
                                   /*idx64=*/X.scalar_type() == at::kLong, s.M, s.V, s.E, s.T, s.H, s.B, gemm_choice()};
-  isa().fn(a);
+  cpu_train::train_models(a, cpu::cpu_isa());
   return losses;
 }
 
@@ -229,7 +156,8 @@ std::tuple<std::string, std::vector<int64_t>> sgd_train_cuda_plan(int64_t vocab_
   return {std::string(), {L.cluster, L.ks_logits, L.ks_dx, L.bytes}};
 }
 
-std::string sgd_train_cpu_isa() { return isa().name; }
+// The instruction set of the CPU loop's clone (cpu/isa.h), for benchmarks and tests to report.
+std::string sgd_train_cpu_isa() { return cpu::isa_name(cpu::cpu_isa()); }
 
 // The op's handle, looked up once: the Autograd and ADInplaceOrView kernels below redispatch through it.
 const c10::TypedOperatorHandle<decltype(sgd_train_cpu)>& sgd_train_op() {

@@ -1,7 +1,6 @@
 // softmax_ce.h: the scalar math of one numerically stable softmax cross-entropy row, written once for the CPU
 // and CUDA kernels (CHARMLP_HOST_DEVICE): an online log-sum-exp, the row's loss and float64 lse, the softmax from a
-// saved lse, and the gradient scale of a reduction.
-//
+// saved lse, the gradient of a row, and the gradient scale of a reduction.
 //
 // Notation: logits x (B, V), targets t (B,), row i counted unless t[i] == ignore_index.
 //   m        = max_j x_j                       (the target included, so that no exp below can overflow)
@@ -98,6 +97,20 @@ CHARMLP_HOST_DEVICE SplitLse<acc_t> split_lse(double lse) {
 template <typename acc_t>
 CHARMLP_HOST_DEVICE acc_t softmax_prob(acc_t x, SplitLse<acc_t> l) {
   return exp_((x - l.hi) - l.lo);
+}
+
+// The gradient d = g (softmax - onehot) of a counted row, element by element from its float64 lse: d_j = g p_j for
+// j != t, and the target's d_t = g (p_t - 1) = -g sum_{j != t} p_j, once the row's sum of the other p_j is known.
+// Written so rather than p_t - 1, which cancels to nothing useful when the target dominates (p_t -> 1).
+// softmax_prob_excl is the p_j of that sum: 0 at the target.
+template <typename acc_t>
+CHARMLP_HOST_DEVICE acc_t softmax_prob_excl(acc_t x, bool is_target, SplitLse<acc_t> l) {
+  return is_target ? acc_t(0) : softmax_prob(x, l);
+}
+
+template <typename acc_t>
+CHARMLP_HOST_DEVICE acc_t target_grad(acc_t sum_excl, acc_t g) {
+  return -sum_excl * g;
 }
 
 // The factor on (softmax - onehot) of a counted row: d(reduced loss)/d(row loss) times the incoming gradient g

@@ -28,6 +28,8 @@
 #endif
 #include "emulation/cuda_emu.h"  // the emulator, or (nvcc) charmlp_emu::launch and CHARMLP_DYNAMIC_SHARED only
 
+#include "common/ceil_div.h"
+
 namespace charmlp::cuda {
 
 #ifdef CHARMLP_EMULATE_CUDA
@@ -77,6 +79,6 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
   CHARMLP_CUDA_CHECK(charmlp_emu::launch(kernel, grid, block, smem_bytes, stream, std::forward<Args>(args)...));
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using charmlp::ceil_div;  // common/ceil_div.h: host and device
 
 }  // namespace charmlp::cuda

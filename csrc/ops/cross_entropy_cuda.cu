@@ -4,7 +4,7 @@
 //   backward: grad = g_i * (softmax - onehot), softmax = exp(x - lse) from the saved float64 lse;
 //             one read of the logits and one write of the gradient.
 // Without a host sync the forward cannot know the incoming gradient, so these three passes over (B, V) are the
-// minimum for forward + backward; the word-level memory floor quoted for two passes (~371 us on an H100) is not
+// minimum for forward + backward; the memory floor of two passes (one read and one write of the logits) is not
 // reachable by an op pair that must not sync.
 //
 // A group is 8 threads (V <= 64, e.g. the seed's V = 27: four rows per warp), a warp (V <= 2048) or a 512-thread
@@ -12,9 +12,13 @@
 // vectors wherever the row's alignment allows. The reductions over B (the loss for mean/sum, the number of
 // counted rows for mean) are one-block kernels: a fixed order, so deterministic, and B values are cheap.
 // Targets are range-checked with CUDA_KERNEL_ASSERT, as torch's own kernels do: no host sync.
+// The row math (online log-sum-exp, row_result, the gradient's target entry) is common/softmax_ce.h's and the lane
+// reductions cuda/reduce.cuh's, shared with linear_cross_entropy's small kernel and the persistent sgd_train kernel.
 // Tested on the CPU emulator (csrc/cuda/cuda_utils.cuh) with the CPU kernels' float64 truths and tolerances, all three
 // row-group widths and the 16-byte vector paths; only a GPU shows the bandwidth and the device-assert's sticky error.
 #include "cuda/cuda_utils.cuh"  // first: see its header
+#include "common/ceil_div.h"
+#include "cuda/reduce.cuh"
 #include "ops/cross_entropy.h"
 
 #include <ATen/ATen.h>
@@ -51,7 +55,7 @@ void dispatch_threads_per_row(int64_t V, F&& f) {
 }
 
 unsigned int row_blocks(int64_t B, int rows_per_block) {
-  const int64_t blocks = (B + rows_per_block - 1) / rows_per_block;
+  const int64_t blocks = ceil_div(B, rows_per_block);
   TORCH_CHECK(blocks <= INT_MAX, "cross_entropy: B = ", B, " rows is more than one launch supports");
   return static_cast<unsigned int>(blocks);
 }
@@ -117,13 +121,7 @@ __device__ __forceinline__ void group_sync() {
 // Combines the per-thread states of a row; every thread of the group gets the result. smem: kWarps slots.
 template <int kTPR, typename acc_t>
 __device__ __forceinline__ OnlineLse<acc_t> group_reduce(OnlineLse<acc_t> v, OnlineLse<acc_t>* smem) {
-  constexpr int kWidth = kTPR < 32 ? kTPR : 32;
-#pragma unroll
-  for (int off = kWidth / 2; off > 0; off /= 2) {
-    const OnlineLse<acc_t> o{__shfl_xor_sync(0xffffffffu, v.m, off, kWidth),
-                             __shfl_xor_sync(0xffffffffu, v.s, off, kWidth)};
-    v = lse_combine(v, o);
-  }
+  v = cuda::warp_lse<kTPR < 32 ? kTPR : 32>(v);
   if constexpr (kTPR > 32) {
     if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
     __syncthreads();
@@ -137,9 +135,7 @@ __device__ __forceinline__ OnlineLse<acc_t> group_reduce(OnlineLse<acc_t> v, Onl
 
 template <int kTPR, typename acc_t>
 __device__ __forceinline__ acc_t group_sum(acc_t v, acc_t* smem) {
-  constexpr int kWidth = kTPR < 32 ? kTPR : 32;
-#pragma unroll
-  for (int off = kWidth / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off, kWidth);
+  v = cuda::warp_sum<kTPR < 32 ? kTPR : 32>(v);
   if constexpr (kTPR > 32) {
     if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
     __syncthreads();
@@ -152,8 +148,9 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, acc_t* smem) {
 }
 
 // out = g * (softmax(in) - onehot(t)) for one row, softmax from the float64 lse. The target's entry is
-// -g * sum_{j != t} softmax_j, written after the group's sum (exact where softmax_t - 1 would cancel). An ignored
-// row (not counted) gets zeros. Called by every thread of the block (it synchronises).
+// target_grad: -g * sum_{j != t} softmax_j, written after the group's sum (common/softmax_ce.h). An ignored
+// row (not counted) gets zeros. Called by every thread of the block (it synchronises): the same steps as
+// cuda::warp_row_grad, with the sum over a group that may be a whole block.
 template <int kTPR, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void row_grad(const scalar_t* in, scalar_t* out, int64_t V, int64_t t, double lse,
                                          acc_t g, bool counted, bool active, int lane, acc_t* smem) {
@@ -161,7 +158,7 @@ __device__ __forceinline__ void row_grad(const scalar_t* in, scalar_t* out, int6
   if (counted) {
     const SplitLse<acc_t> l = split_lse<acc_t>(lse);
     row_map<kTPR>(in, out, V, lane, [&](int64_t j, scalar_t x) {
-      const acc_t p = j == t ? acc_t(0) : softmax_prob(static_cast<acc_t>(x), l);
+      const acc_t p = softmax_prob_excl(static_cast<acc_t>(x), j == t, l);
       sum += p;
       return static_cast<scalar_t>(p * g);
     });
@@ -170,7 +167,7 @@ __device__ __forceinline__ void row_grad(const scalar_t* in, scalar_t* out, int6
   }
   sum = group_sum<kTPR>(sum, smem);
   group_sync<kTPR>();  // the lane that wrote out[t] above is ordered before the final write
-  if (counted && lane == 0) out[t] = static_cast<scalar_t>(-sum * g);
+  if (counted && lane == 0) out[t] = static_cast<scalar_t>(target_grad(sum, g));
 }
 
 // ---- kernels ---------------------------------------------------------------------------------------
@@ -240,8 +237,9 @@ __global__ void __launch_bounds__(RowLaunch<kTPR>::kThreads)
   row_grad<kTPR>(logits + offset, grad + offset, V, t, row_lse_value, g, counted, active, lane, smem_sum);
 }
 
-// One block: n_valid[0] = #counted targets and/or loss[0] = sum (or mean) of row_losses, summed in float64.
-template <typename scalar_t, typename index_t>
+// One block: n_valid[0] = #counted targets (kCount) and/or loss[0] = sum (or mean) of row_losses, summed in float64
+// (kLoss).
+template <typename scalar_t, typename index_t, bool kLoss, bool kCount>
 __global__ void __launch_bounds__(kReduceThreads)
     reduce_rows_kernel(const index_t* targets, int64_t B, int64_t ignore_index, int64_t reduction,
                        const at::opmath_type<scalar_t>* row_losses, scalar_t* loss, int64_t* n_valid) {
@@ -251,13 +249,10 @@ __global__ void __launch_bounds__(kReduceThreads)
   long long count = 0;
   for (int64_t i = threadIdx.x; i < B; i += kReduceThreads) {
     count += targets[i] != ignore_index;
-    if (row_losses != nullptr) sum += static_cast<double>(row_losses[i]);
+    if constexpr (kLoss) sum += static_cast<double>(row_losses[i]);
   }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    sum += __shfl_down_sync(0xffffffffu, sum, off);
-    count += __shfl_down_sync(0xffffffffu, count, off);
-  }
+  sum = cuda::warp_sum(sum);
+  count = cuda::warp_sum(count);
   if (threadIdx.x % 32 == 0) {
     smem_sum[threadIdx.x / 32] = sum;
     smem_count[threadIdx.x / 32] = count;
@@ -270,9 +265,9 @@ __global__ void __launch_bounds__(kReduceThreads)
       sum += smem_sum[w];
       count += smem_count[w];
     }
-    if (n_valid != nullptr) *n_valid = count;
+    if constexpr (kCount) *n_valid = count;
     // mean over zero counted rows is 0/0 = nan, as in torch
-    if (loss != nullptr) *loss = static_cast<scalar_t>(reduction == kMean ? sum / static_cast<double>(count) : sum);
+    if constexpr (kLoss) *loss = static_cast<scalar_t>(reduction == kMean ? sum / static_cast<double>(count) : sum);
   }
 }
 
@@ -335,17 +330,28 @@ void cross_entropy_rows_backward_cuda(const at::Tensor& logits, const at::Tensor
 void cross_entropy_reduce_cuda(const at::Tensor& targets, int64_t ignore_index, int64_t reduction,
                                const at::Tensor& row_losses, const at::Tensor& loss, const at::Tensor& n_valid) {
   const int64_t B = targets.size(0);
+  TORCH_CHECK(loss.defined() || n_valid.defined(), "cross_entropy_reduce_cuda: nothing to compute");
+  TORCH_CHECK(!loss.defined() || row_losses.defined(), "cross_entropy_reduce_cuda: the loss needs row_losses");
   const cudaStream_t stream = cuda::current_stream();
   // The loss dtype picks the kernel; a count-only call (no loss) uses the float one.
   const at::ScalarType dtype = loss.defined() ? loss.scalar_type() : at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cross_entropy_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "cross_entropy_reduce_cuda", [&] {
-      cuda::launch(reduce_rows_kernel<scalar_t, index_t>, 1, kReduceThreads, 0, stream,
-          targets.const_data_ptr<index_t>(), B, ignore_index, reduction,
-          row_losses.defined() ? row_losses.const_data_ptr<acc_t>() : nullptr,
-          loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr,
-          n_valid.defined() ? n_valid.mutable_data_ptr<int64_t>() : nullptr);
+      auto run = [&](auto with_loss, auto with_count) {
+        constexpr bool kLoss = decltype(with_loss)::value, kCount = decltype(with_count)::value;
+        cuda::launch(reduce_rows_kernel<scalar_t, index_t, kLoss, kCount>, 1, kReduceThreads, 0, stream,
+            targets.const_data_ptr<index_t>(), B, ignore_index, reduction,
+            kLoss ? row_losses.const_data_ptr<acc_t>() : nullptr, kLoss ? loss.mutable_data_ptr<scalar_t>() : nullptr,
+            kCount ? n_valid.mutable_data_ptr<int64_t>() : nullptr);
+      };
+      if (!loss.defined()) {
+        run(std::false_type{}, std::true_type{});
+      } else if (n_valid.defined()) {
+        run(std::true_type{}, std::true_type{});
+      } else {
+        run(std::true_type{}, std::false_type{});
+      }
     });
   });
 }

@@ -20,9 +20,14 @@
 // (3 GEMMs for forward + backward); the backward op recomputes the logits from the saved lse (4 GEMMs), for
 // reduction="none" whose per-row incoming gradient only the backward knows.
 // bf16/fp16 inputs are upcast to float32 (h, W2, b2 are small next to the (B, V) work) and the results cast back.
+// The softmax row of the small path is cuda/softmax_row.cuh's (the numerics of cross_entropy's row kernels, which the
+// chunked path runs as they are).
 // Tested on the CPU emulator (csrc/cuda/cuda_utils.cuh): both paths (the chunked one's GEMMs run as CPU ops there) and
 // the opt-in shared memory of the small one; only a GPU shows cuBLAS's own numerics and the timing.
 #include "cuda/cuda_utils.cuh"  // first: see its header
+#include "common/ceil_div.h"
+#include "cuda/reduce.cuh"
+#include "cuda/softmax_row.cuh"
 #include "ops/cross_entropy.h"
 
 #include <ATen/ATen.h>
@@ -85,7 +90,7 @@ void dispatch_columns_per_lane(int64_t V, F&& f) {
   }
 }
 
-int columns_per_lane(int64_t V) { return static_cast<int>((V + 31) / 32); }
+int columns_per_lane(int64_t V) { return static_cast<int>(ceil_div(V, 32)); }
 
 // Sized for the layout with gradients whether or not this call computes them: the two paths round differently, and
 // the loss must not depend on compute_grad (a forward-only call would otherwise fit sizes the other does not).
@@ -97,17 +102,12 @@ bool use_small_path(int64_t B, int64_t H, int64_t V, size_t elem_size) {
 
 // ---- kernels ---------------------------------------------------------------------------------------
 
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t warp_sum(scalar_t v) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// The small path. Forward mode (grad_loss == nullptr): row_losses, lse and, with_grad, the gradients for
-// grad_loss = 1. Backward mode: the gradients for grad_loss (the logits and their lse are recomputed here).
+// The small path. Forward mode (!kBackward): row_losses, lse and, with_grad, the gradients for grad_loss = 1.
+// Backward mode: the gradients for grad_loss (the logits and their lse are recomputed here; with_grad is true).
 // h (B, H), W2 (H, V), b2 (V) contiguous; grad_h (B, H); partial (gridDim.x, H * V + V).
-template <typename scalar_t, typename index_t, int kC>
+// One kernel body for the per-row pipeline of both modes (logits, softmax row, gradient, the two products) that
+// only ever runs as a whole: over ~80 lines, split only by the comments of its stages.
+template <typename scalar_t, typename index_t, int kC, bool kBackward>
 __global__ void __launch_bounds__(kSmallThreads) linear_cross_entropy_small_kernel(
     const scalar_t* __restrict__ h, const scalar_t* __restrict__ W2, const scalar_t* __restrict__ b2,
     const index_t* __restrict__ targets, int64_t B, int64_t H, int64_t V, int64_t rows_per_block, int64_t reduction,
@@ -170,23 +170,18 @@ __global__ void __launch_bounds__(kSmallThreads) linear_cross_entropy_small_kern
     for (int c = 0; c < kC; ++c) {
       if (lane + 32 * c < V) st = lse_add(st, z[c], lane + 32 * c == t);
     }
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      const OnlineLse<scalar_t> o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off)};
-      st = lse_combine(st, o);
-    }
     scalar_t loss = 0;
     double lse_i = 0;
     if (counted) {  // uniform over the warp
       scalar_t z_t = z[0];
 #pragma unroll
       for (int c = 1; c < kC; ++c) z_t = t / 32 == c ? z[c] : z_t;
-      const scalar_t x_t = __shfl_sync(0xffffffffu, z_t, static_cast<int>(t % 32));
-      const RowResult<scalar_t> r = row_result(st.m, st.s, x_t);
+      const scalar_t x_t = __shfl_sync(cuda::kFullMask, z_t, static_cast<int>(t % 32));
+      const RowResult<scalar_t> r = cuda::warp_row_result<32>(st, x_t);
       loss = r.loss;
       lse_i = r.lse;
     }
-    if (row_losses != nullptr && active && lane == 0) {
+    if (!kBackward && active && lane == 0) {
       row_losses[i] = loss;
       lse[i] = lse_i;
     }
@@ -195,25 +190,28 @@ __global__ void __launch_bounds__(kSmallThreads) linear_cross_entropy_small_kern
     // d = g (softmax - onehot); the target's entry -g sum_{j != t} softmax_j (exact where softmax_t - 1 cancels)
     scalar_t g = 0;
     if (counted) {
-      g = grad_loss == nullptr
+      g = !kBackward
               ? (reduction == kMean ? scalar_t(1) / static_cast<scalar_t>(n_valid) : scalar_t(1))
               : row_grad_scale(reduction, grad_loss[reduction == kNone ? i * grad_stride : 0], n_valid);
     }
+    // The steps of cuda::warp_row_grad, written out: through its callback the kC registers of z and p end up in
+    // local memory (ptxas: spills in every double instantiation). A lane's columns beyond V, and every column of a
+    // row that is not counted (its lse is 0: exp(z) could overflow), get 0 rather than the softmax.
     const SplitLse<scalar_t> l = split_lse<scalar_t>(lse_i);
     scalar_t p[kC];
     scalar_t sum = 0;
 #pragma unroll
     for (int c = 0; c < kC; ++c) {
       const int64_t j = lane + 32 * c;
-      p[c] = counted && j < V && j != t ? softmax_prob(z[c], l) : scalar_t(0);
+      p[c] = counted && j < V ? softmax_prob_excl(z[c], j == t, l) : scalar_t(0);
       sum += p[c];
     }
-    sum = warp_sum(sum);
+    sum = cuda::warp_sum(sum);
     scalar_t* d_row = ds + warp * kVP;
 #pragma unroll
     for (int c = 0; c < kC; ++c) {
       const int64_t j = lane + 32 * c;
-      d_row[j] = counted && j == t ? -sum * g : p[c] * g;
+      d_row[j] = counted && j == t ? target_grad(sum, g) : p[c] * g;
     }
     __syncwarp();
     // grad_h[i, k] = sum_j d_j W2[k, j]
@@ -277,24 +275,24 @@ void small_path(const at::Tensor& h_, const at::Tensor& W2_, const at::Tensor& b
   const int64_t B = h_.size(0), H = h_.size(1), V = W2_.size(1);
   const at::Tensor h = h_.contiguous(), W2 = W2_.contiguous(), b2 = b2_.contiguous();
   const int num_sms = cuda::device_properties()->multiProcessorCount;
-  // enough rows per block to give every SM about one block, in whole tiles
-  const int64_t rows_per_block =
-      std::max<int64_t>(1, (B + num_sms - 1) / num_sms + kSmallWarps - 1) / kSmallWarps * kSmallWarps;
-  const int64_t blocks = std::max<int64_t>(1, (B + rows_per_block - 1) / rows_per_block);
+  // enough rows per block to give every SM about one block, in whole tiles (B > 0)
+  const int64_t rows_per_block = ceil_div(ceil_div(B, num_sms), kSmallWarps) * kSmallWarps;
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(B, rows_per_block));
   const cudaStream_t stream = cuda::current_stream();
   at::Tensor partial = with_grad ? at::empty({blocks, H * V + V}, h.options()) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "linear_cross_entropy_small_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "linear_cross_entropy_small_cuda", [&] {
+      const bool forward = !grad_loss.defined();
       dispatch_columns_per_lane(V, [&](auto cpl) {
         constexpr int kC = decltype(cpl)::value;
-        auto kernel = linear_cross_entropy_small_kernel<scalar_t, index_t, kC>;
+        auto kernel = forward ? linear_cross_entropy_small_kernel<scalar_t, index_t, kC, false>
+                              : linear_cross_entropy_small_kernel<scalar_t, index_t, kC, true>;
         const size_t smem = small_layout(H, V, kC, with_grad).total * sizeof(scalar_t);
         if (smem > 48 * 1024) {  // above the default limit, shared memory must be opted into per kernel
           CHARMLP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(smem)));
         }
-        const bool forward = !grad_loss.defined();
         cuda::launch(kernel, static_cast<unsigned int>(blocks), kSmallThreads, smem, stream,
             h.const_data_ptr<scalar_t>(), W2.const_data_ptr<scalar_t>(), b2.const_data_ptr<scalar_t>(),
             targets.const_data_ptr<index_t>(), B, H, V, rows_per_block, reduction, ignore_index,
@@ -308,7 +306,7 @@ void small_path(const at::Tensor& h_, const at::Tensor& W2_, const at::Tensor& b
       if (with_grad) {
         const int threads = 256;
         const int64_t n = H * V + V;
-        const unsigned int sum_blocks = static_cast<unsigned int>(std::min<int64_t>((n + threads - 1) / threads, 1024));
+        const unsigned int sum_blocks = static_cast<unsigned int>(std::min<int64_t>(ceil_div(n, threads), 1024));
         cuda::launch(sum_partials_kernel<scalar_t>, sum_blocks, threads, 0, stream,
             partial.const_data_ptr<scalar_t>(), blocks, H * V, V, grads.W2.mutable_data_ptr<scalar_t>(),
             grads.b2.mutable_data_ptr<scalar_t>());
@@ -331,7 +329,7 @@ void chunked_path(const at::Tensor& h, const at::Tensor& W2, const at::Tensor& b
   }
   at::Tensor h_aug, grad_Wb;  // h_aug is (B, Hp) = [h | 1 | 0...], grad_Wb (Hp, V) = [grad_W2; grad_b2; 0...]
   if (with_grad) {
-    const int64_t Hp = (H + 1 + 3) / 4 * 4;  // rows of 16 bytes (float32) for cuBLAS
+    const int64_t Hp = ceil_div(H + 1, 4) * 4;  // rows of 16 bytes (float32) for cuBLAS
     h_aug = at::constant_pad_nd(h, {0, Hp - H}, 0);
     h_aug.select(1, H).fill_(1);
     grad_Wb = at::empty({Hp, V}, h.options());

@@ -12,6 +12,7 @@
 // N training examples, S steps in one call.
 #pragma once
 
+#include "common/ceil_div.h"
 #include "common/checks.h"
 
 #include <ATen/core/Tensor.h>
@@ -201,7 +202,7 @@ inline SgdTrainShape check_sgd_train_args(const at::Tensor& C, const at::Tensor&
     }
   }
   s.loss_every = loss_every;
-  s.num_losses = (s.S + loss_every - 1) / loss_every;
+  s.num_losses = ceil_div(s.S, loss_every);
   return s;
 }
 
@@ -305,8 +306,6 @@ struct PersistentLayout {
   int64_t bytes;  // total
 };
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 inline PersistentLayout make_persistent_layout(int64_t V, int64_t T, int64_t E, int64_t H, int64_t B, int cluster,
                                                int ks_logits, int ks_dx) {
   PersistentLayout L{};
@@ -317,7 +316,7 @@ inline PersistentLayout make_persistent_layout(int64_t V, int64_t T, int64_t E, 
   L.H = static_cast<int>(H);
   L.B = static_cast<int>(B);
   L.cluster = cluster;
-  L.hc = static_cast<int>((H + cluster - 1) / cluster);
+  L.hc = static_cast<int>(ceil_div(H, cluster));
   L.ldw1 = L.hc | 1;
   L.ldw2 = static_cast<int>(V) | 1;
   L.ldh = L.hc;
@@ -327,7 +326,7 @@ inline PersistentLayout make_persistent_layout(int64_t V, int64_t T, int64_t E, 
   // Every array starts on a 16-byte boundary (cp.async and vector loads want it).
   auto take = [&](int64_t bytes) {
     const int64_t at = off;
-    off = round_up(off + bytes, 16);
+    off = ceil_div(off + bytes, 16) * 16;
     return at;
   };
   const int64_t f = sizeof(float);
@@ -359,9 +358,9 @@ struct PersistentPlan {
 // Split-K factor that gives ~one register tile per thread for an (m x n) product summed over k, with >= 8 terms
 // per group.
 inline int split_k_groups(int64_t m, int64_t n, int64_t k) {
-  const int64_t tiles = ((m + kTileM - 1) / kTileM) * ((n + kTileN - 1) / kTileN);
+  const int64_t tiles = ceil_div(m, kTileM) * ceil_div(n, kTileN);
   const int64_t want = std::max<int64_t>(1, kPersistentThreads / std::max<int64_t>(tiles, 1));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, (k + 7) / 8)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, ceil_div(k, 8))));
 }
 
 // Chooses the cluster size and split-K groups for a model of the given sizes on a device with `smem_optin` bytes of
@@ -397,14 +396,14 @@ inline PersistentPlan plan_persistent(int64_t V, int64_t T, int64_t E, int64_t H
   // block to hide the two cluster barriers of a step), then larger clusters while shared memory does not fit.
   int first = 1;
   if (requested_cluster == 0) {
-    while (first < max_cluster && (H + first - 1) / first > kPreferredSlice) first *= 2;
+    while (first < max_cluster && ceil_div(H, first) > kPreferredSlice) first *= 2;
   } else {
     first = static_cast<int>(requested_cluster);
   }
   const int last = requested_cluster == 0 ? max_cluster : first;
   int64_t smallest = -1;
   for (int cs = first; cs <= last; cs *= 2) {
-    const int64_t hc = (H + cs - 1) / cs;
+    const int64_t hc = ceil_div(H, cs);
     int ksl = split_k_groups(B, V, hc);
     int ksd = split_k_groups(B, T * E, hc);
     while (true) {
@@ -420,16 +419,16 @@ inline PersistentPlan plan_persistent(int64_t V, int64_t T, int64_t E, int64_t H
       }
       // Give up split-K parallelism before giving up the size: halve the larger partial buffer.
       if (int64_t(ksl) * V >= int64_t(ksd) * T * E && ksl > 1) {
-        ksl = (ksl + 1) / 2;
+        ksl = ceil_div(ksl, 2);
       } else if (ksd > 1) {
-        ksd = (ksd + 1) / 2;
+        ksd = ceil_div(ksd, 2);
       } else {
-        ksl = (ksl + 1) / 2;
+        ksl = ceil_div(ksl, 2);
       }
     }
   }
   plan.reason = "the persistent CUDA kernel keeps the parameters and one step's activations in shared memory; " +
-                sizes + " needs " + std::to_string((smallest + 1023) / 1024) + " KiB per block even split over " +
+                sizes + " needs " + std::to_string(ceil_div(smallest, 1024)) + " KiB per block even split over " +
                 std::to_string(last) + " block" + (last > 1 ? "s" : "") + ", the device allows " +
                 std::to_string(smem_optin / 1024) + " KiB" +
                 (max_cluster == 1 ? " (and has no thread-block clusters)" : "") +

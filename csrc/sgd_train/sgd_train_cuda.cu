@@ -9,7 +9,7 @@
 // Why (and the floor). At the seed's size (B=32, T=3, E=10, H=200, V=27; 11,897 parameters = 47.6 KB) a step is
 //   2 * B * (TE*H + H*V + V*H + H*V + H*TE + TE*H) = 2 * 32 * 34,200 = 2.19 MFLOP
 // (forward hidden, logits, dh, dW2, dx, dW1). The per-op path launches ~15-30 kernels per step, so it is bound by
-// launch latency (~87 us/step in one CUDA graph on an H100). Here nothing is launched per step; what is left:
+// launch latency, even in one CUDA graph. Here nothing is launched per step; what is left:
 //   * FP32 issue: one SM does 128 FMA/clk = 507 GFLOP/s at 1.98 GHz -> 4.3 us/step at 100 % (0.86 s for the
 //     seed's 200,000 steps). Hence the cluster: CS blocks split the hidden layer (block r owns hidden units
 //     [r*hc, r*hc + hc)), which divides every product but the replicated softmax and C update by CS.
@@ -18,8 +18,13 @@
 //   * barriers: 5 __syncthreads and 2 cluster barriers per step (the cluster ones only for CS > 1: after the
 //     partial logits and after the partial dx, the two products summed over the hidden layer). A block barrier
 //     is tens of cycles when the phases are balanced, a cluster barrier a few hundred.
-// Estimated at the seed's size with CS = 4: ~2.5-3 us/step, i.e. ~0.5-0.6 s for 200,000 steps (target <= 1 s).
-// UNVERIFIED: written and compiled without a GPU; the tile shapes and the auto cluster size are untuned.
+// Estimated at the seed's size with CS = 4: ~2.5-3 us/step, i.e. ~0.5-0.6 s for 200,000 steps. The tile shapes and
+// the auto cluster size are untuned.
+//
+// A step is the loop of sgd_train_persistent_kernel, in named phases with the names of the CPU loop
+// (sgd_train.cpp): draw_minibatch (prefetch of the next step), hidden_layer (with gather), softmax_rows,
+// loss_window, backward_products, embedding_update; load_parameters and store_parameters around the run. The
+// softmax row is cuda/softmax_row.cuh's, as in the cross_entropy ops, so the reported loss is the per-op loss.
 //
 // Determinism: every sum has a fixed order (split-K partials are reduced in (rank, group) order, the C gradient
 // is gathered per token in minibatch order with warp ballots instead of atomics), so a run is bitwise
@@ -33,6 +38,10 @@
 // cp.async prefetch, against the CPU loop; only a GPU shows the timing, whether clusters are scheduled on a busy
 // or partitioned device, and the register budget at run time (ptxas's view: benchmarks/kernel_resources.py).
 #include "cuda/cuda_utils.cuh"  // first: see its header
+#include "common/ceil_div.h"
+#include "common/softmax_ce.h"
+#include "cuda/reduce.cuh"
+#include "cuda/softmax_row.cuh"
 #include "sgd_train/sgd_train.h"
 
 #include <ATen/core/Tensor.h>
@@ -52,21 +61,8 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = kPersistentThreads;
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- helpers -------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
 
 // The first work item of this thread when a phase's items are numbered from `base` on and dealt round-robin:
 // consecutive products of one phase continue where the previous one stopped, so no thread gets two tiles while
@@ -116,9 +112,9 @@ __device__ __forceinline__ void tile_product(int m0, int n0, int nstride, int M,
 template <class FA, class FB, class Epi>
 __device__ __forceinline__ int phase_product(int base, int M, int N, int K, int ks, FA a, FB b, Epi epi) {
   if (M <= 0 || N <= 0) return 0;
-  const int nt_count = (N + kTileN - 1) / kTileN;
-  const int tiles = ((M + kTileM - 1) / kTileM) * nt_count;
-  const int kc = (K + ks - 1) / ks;
+  const int nt_count = ceil_div(N, kTileN);
+  const int tiles = ceil_div(M, kTileM) * nt_count;
+  const int kc = ceil_div(K, ks);
   const int items = tiles * ks;
   for (int w = first_item(base); w < items; w += kThreads) {
     const int g = w / tiles, r = w % tiles;
@@ -189,16 +185,113 @@ __global__ void philox_minibatch_kernel(const int64_t* __restrict__ seeds, const
   }
 }
 
-// Issues the cp.async copies of step i's minibatch (B rows of X and Y) into token buffer i % 2.
+// ---- the persistent kernel: one block's state and the phases of a step -------------------------------------------
+//
+// Each phase is a named function run by every thread of the block; none ends with a barrier (the step loop shows
+// them), and a phase that needs one inside says so. Shapes: the model's B, T, E, TE = T*E, H, V; nh = this block's
+// hidden units (its slice).
+
+// This block's view of its model: the shared-memory arrays of the plan (sgd_train.h) and its slice of the hidden
+// layer, hidden units [h0, h0 + nh).
 template <typename index_t>
-__device__ __forceinline__ void prefetch_minibatch(const PersistentLayout& L, const SgdTrainArgs<index_t>& a,
-                                                   int64_t model, int64_t i, index_t* tok, index_t* tgt) {
+struct BlockState {
+  float* C;        // (V, E), replicated in every block of the cluster
+  float* W1;       // (TE, ldw1): this block's columns of W1
+  float* b1;       // (nh,)
+  float* W2;       // (nh, ldw2): this block's rows of W2
+  float* b2;       // (V,), replicated
+  float* H;        // (B, ldh) tanh activations of the slice
+  float* G;        // (B, ldh) dL/dpre of the slice
+  float* X;        // (B, TE) gathered embeddings
+  float* Lp;       // (ks_logits, B, V) partial logits of the slice
+  float* L;        // (B, V) logits -> dL/dlogits
+  float* DXp;      // (ks_dx, B, TE) partial dL/dx of the slice
+  float* DX;       // (B, TE) dL/dx = (B*T, E) rows per position
+  float* rowloss;  // (B,)
+  index_t* tok;    // (2, B, T) double-buffered minibatch: step i's contexts in buffer i % 2
+  index_t* tgt;    // (2, B) its targets
+  int rank, h0, nh;
+};
+
+template <int CS, typename index_t>
+__device__ __forceinline__ BlockState<index_t> block_state(const PersistentLayout& L, unsigned char* smem) {
+  BlockState<index_t> s;
+  s.C = reinterpret_cast<float*>(smem + L.off_C);
+  s.W1 = reinterpret_cast<float*>(smem + L.off_W1);
+  s.b1 = reinterpret_cast<float*>(smem + L.off_b1);
+  s.W2 = reinterpret_cast<float*>(smem + L.off_W2);
+  s.b2 = reinterpret_cast<float*>(smem + L.off_b2);
+  s.H = reinterpret_cast<float*>(smem + L.off_H);
+  s.G = reinterpret_cast<float*>(smem + L.off_G);
+  s.X = reinterpret_cast<float*>(smem + L.off_X);
+  s.Lp = reinterpret_cast<float*>(smem + L.off_Lp);
+  s.L = reinterpret_cast<float*>(smem + L.off_L);
+  s.DXp = reinterpret_cast<float*>(smem + L.off_DXp);
+  s.DX = reinterpret_cast<float*>(smem + L.off_DX);
+  s.rowloss = reinterpret_cast<float*>(smem + L.off_rowloss);
+  s.tok = reinterpret_cast<index_t*>(smem + L.off_tok);
+  s.tgt = reinterpret_cast<index_t*>(smem + L.off_tgt);
+  s.rank = cluster_rank<CS>();
+  s.h0 = s.rank * L.hc;
+  s.nh = max(0, min(L.hc, L.H - s.h0));
+  return s;
+}
+
+// The model's parameters in global memory: C (V, E), W1 (TE, H), b1 (H,), W2 (H, V), b2 (V,).
+struct ModelParams {
+  float *C, *W1, *b1, *W2, *b2;
+};
+
+template <typename index_t>
+__device__ __forceinline__ ModelParams model_params(const PersistentLayout& L, const SgdTrainArgs<index_t>& a,
+                                                    int64_t model) {
+  return {a.C + model * L.V * L.E, a.W1 + model * L.TE * L.H, a.b1 + model * L.H, a.W2 + model * L.H * L.V,
+          a.b2 + model * L.V};
+}
+
+// load_parameters: global -> shared, C and b2 whole, this block's slices of W1 (TE, nh), b1 (nh,), W2 (nh, V).
+template <typename index_t>
+__device__ __forceinline__ void load_parameters(const PersistentLayout& L, const ModelParams& g,
+                                                const BlockState<index_t>& s) {
+  const int V = L.V, E = L.E, TE = L.TE, H = L.H, nh = s.nh, h0 = s.h0;
+  for (int q = threadIdx.x; q < V * E; q += kThreads) s.C[q] = g.C[q];
+  for (int q = threadIdx.x; q < TE * nh; q += kThreads)
+    s.W1[(q / nh) * L.ldw1 + q % nh] = g.W1[int64_t(q / nh) * H + h0 + q % nh];
+  for (int q = threadIdx.x; q < nh; q += kThreads) s.b1[q] = g.b1[h0 + q];
+  for (int q = threadIdx.x; q < nh * V; q += kThreads) s.W2[(q / V) * L.ldw2 + q % V] = g.W2[int64_t(h0) * V + q];
+  for (int q = threadIdx.x; q < V; q += kThreads) s.b2[q] = g.b2[q];
+}
+
+// store_parameters: shared -> global, each block its slices; C and b2 (identical in every block) from rank 0.
+// Ends with a cluster barrier: no block may exit (and release its shared memory) while a peer might still read its
+// partial buffers.
+template <int CS, typename index_t>
+__device__ __forceinline__ void store_parameters(const PersistentLayout& L, const ModelParams& g,
+                                                 const BlockState<index_t>& s) {
+  const int V = L.V, E = L.E, TE = L.TE, H = L.H, nh = s.nh, h0 = s.h0;
+  for (int q = threadIdx.x; q < TE * nh; q += kThreads)
+    g.W1[int64_t(q / nh) * H + h0 + q % nh] = s.W1[(q / nh) * L.ldw1 + q % nh];
+  for (int q = threadIdx.x; q < nh; q += kThreads) g.b1[h0 + q] = s.b1[q];
+  for (int q = threadIdx.x; q < nh * V; q += kThreads) g.W2[int64_t(h0) * V + q] = s.W2[(q / V) * L.ldw2 + q % V];
+  if (s.rank == 0) {
+    for (int q = threadIdx.x; q < V * E; q += kThreads) g.C[q] = s.C[q];
+    for (int q = threadIdx.x; q < V; q += kThreads) g.b2[q] = s.b2[q];
+  }
+  if constexpr (CS > 1) cluster_or_block_sync<CS>();
+}
+
+// draw_minibatch: issues the cp.async copies of step i's minibatch -- B rows of X (T tokens) and Y -- into token
+// buffer i % 2, the rows drawn by Philox from the model's seed (Seeded) or read from batch_idx. The caller waits
+// (__pipeline_wait_prior) before the step that reads them; they land while the previous step computes.
+template <bool Seeded, typename index_t>
+__device__ __forceinline__ void draw_minibatch(const PersistentLayout& L, const SgdTrainArgs<index_t>& a,
+                                               int64_t model, int64_t i, const BlockState<index_t>& s) {
   const int B = L.B, T = L.T;
-  index_t* dtok = tok + (i & 1) * B * T;
-  index_t* dtgt = tgt + (i & 1) * B;
+  index_t* dtok = s.tok + (i & 1) * B * T;
+  index_t* dtgt = s.tgt + (i & 1) * B;
   for (int b = threadIdx.x; b < B; b += kThreads) {
     int64_t row;
-    if (a.seeds != nullptr) {
+    if constexpr (Seeded) {
       row = philox::minibatch_row(static_cast<uint64_t>(a.seeds[model]), static_cast<uint64_t>(a.start_step + i),
                                   static_cast<uint64_t>(b), static_cast<uint64_t>(a.N));
     } else {
@@ -211,252 +304,260 @@ __device__ __forceinline__ void prefetch_minibatch(const PersistentLayout& L, co
   __pipeline_commit();
 }
 
-// S SGD steps of model blockIdx.x / CS; this block is rank blockIdx.x % CS of its cluster (see the top of the file).
+// gather: the rows of C (each (E,)) of context position t of minibatch rows m0 .. m0 + kTileM - 1 (clamped to B - 1,
+// as tile_product clamps). Called inside hidden_layer's k loop rather than as a pass of its own: x = C[tok] is read
+// straight from the replicated C, and only the threads of column group 0 store it (for the W1 update).
+template <typename index_t>
+__device__ __forceinline__ void gather(const PersistentLayout& L, const float* C, const index_t* tok, int m0, int t,
+                                       const float* (&crow)[kTileM]) {
+#pragma unroll
+  for (int r = 0; r < kTileM; ++r) {
+    const int tk = static_cast<int>(tok[min(m0 + r, L.B - 1) * L.T + t]);
+    CUDA_KERNEL_ASSERT(tk >= 0 && tk < L.V && "X holds a token outside the vocabulary");
+    crow[r] = C + tk * L.E;
+  }
+}
+
+// hidden_layer: h = tanh(x @ W1[:, slice] + b1[slice])  (B, nh), x = C[tok] (B, TE) gathered on the fly; the threads
+// of column group 0 also store x. Written out rather than with tile_product because the a operand comes through the
+// gather (a pointer per row and position) and the tile stores x on the way.
+template <typename index_t>
+__device__ __forceinline__ void hidden_layer(const PersistentLayout& L, const BlockState<index_t>& s,
+                                             const index_t* tok) {
+  const int B = L.B, T = L.T, E = L.E, TE = L.TE, ldw1 = L.ldw1, ldh = L.ldh, nh = s.nh;
+  const int nt_count = ceil_div(nh, kTileN);
+  const int items = ceil_div(B, kTileM) * nt_count;
+  for (int w = threadIdx.x; w < items; w += kThreads) {
+    const int m0 = (w / nt_count) * kTileM, n0 = w % nt_count;
+    int nj[kTileN];
+#pragma unroll
+    for (int j = 0; j < kTileN; ++j) nj[j] = min(n0 + j * nt_count, nh - 1);
+    float acc[kTileM][kTileN] = {};
+    for (int t = 0; t < T; ++t) {
+      const float* crow[kTileM];
+      gather(L, s.C, tok, m0, t, crow);
+      for (int e = 0; e < E; ++e) {
+        const int k = t * E + e;
+        float av[kTileM], bv[kTileN];
+#pragma unroll
+        for (int r = 0; r < kTileM; ++r) av[r] = crow[r][e];
+#pragma unroll
+        for (int j = 0; j < kTileN; ++j) bv[j] = s.W1[k * ldw1 + nj[j]];
+#pragma unroll
+        for (int r = 0; r < kTileM; ++r)
+#pragma unroll
+          for (int j = 0; j < kTileN; ++j) acc[r][j] = fmaf(av[r], bv[j], acc[r][j]);
+        if (n0 == 0) {
+#pragma unroll
+          for (int r = 0; r < kTileM; ++r)
+            if (m0 + r < B) s.X[(m0 + r) * TE + k] = av[r];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kTileM; ++r)
+#pragma unroll
+      for (int j = 0; j < kTileN; ++j) {
+        const int n = n0 + j * nt_count;
+        if (m0 + r < B && n < nh) s.H[(m0 + r) * ldh + n] = tanhf(acc[r][j] + s.b1[n]);
+      }
+  }
+}
+
+// softmax_rows: logits = b2 + h @ W2  (B, V), then per row (one warp each) the loss and dL/dlogits = (softmax -
+// onehot) / B in place of the logits. The product is split: each block's slice (and each split-K group g) writes
+// its partial Lp[g] = h[:, kg] @ W2[kg, :]; after the cluster barrier inside, every block sums all partials in
+// (rank, group) order, so the replicated logits are identical in every block.
+// The row is cuda/softmax_row.cuh's, with the per-op numerics (float32: the loop trains in float32 only).
 template <int CS, typename index_t>
+__device__ __forceinline__ void softmax_rows(const PersistentLayout& L, const BlockState<index_t>& s,
+                                             const index_t* tgt) {
+  const int B = L.B, V = L.V, ldh = L.ldh, ldw2 = L.ldw2, ks = L.ks_logits;
+  const float *sH = s.H, *sW2 = s.W2;
+  float* sLp = s.Lp;
+  phase_product(
+      0, B, V, s.nh, ks, [&](int m, int k) { return sH[m * ldh + k]; }, [&](int k, int n) { return sW2[k * ldw2 + n]; },
+      [&](int g, int m, int n, float v) { sLp[(g * B + m) * V + n] = v; });
+  cluster_or_block_sync<CS>();
+
+  const int lane = threadIdx.x & 31;
+  const float inv_B = 1.0f / static_cast<float>(B);
+  for (int b = threadIdx.x >> 5; b < B; b += kWarps) {
+    float* lrow = s.L + b * V;
+    const int y = static_cast<int>(tgt[b]);
+    CUDA_KERNEL_ASSERT(y >= 0 && y < V && "Y holds a target outside the vocabulary");
+    OnlineLse<float> st = lse_init<float>();
+    for (int v = lane; v < V; v += 32) {
+      float z = s.b2[v];
+      for (int r = 0; r < CS; ++r) {
+        const float* lp = cluster_peer<CS>(sLp, r);
+        for (int g = 0; g < ks; ++g) z += lp[(g * B + b) * V + v];
+      }
+      lrow[v] = z;
+      st = lse_add(st, z, v == y);
+    }
+    __syncwarp();
+    const RowResult<float> r = cuda::warp_row_result<32>(st, lrow[y]);
+    __syncwarp();  // every lane has read the target logit before its lane overwrites it
+    const float d_y = cuda::warp_row_grad<32>(
+        [&](auto f) {
+          for (int v = lane; v < V; v += 32) lrow[v] = f(v, lrow[v]);
+        },
+        y, r.lse, inv_B);
+    if (lane == y % 32) lrow[y] = d_y;  // the lane that wrote 0 there above
+    if (lane == 0) s.rowloss[b] = r.loss;
+  }
+}
+
+// The running mean of the step losses over a window of loss_every steps, kept by lane 0 of warp 0.
+struct LossWindow {
+  float sum = 0.f;
+  int64_t count = 0, pos = 0;
+};
+
+// loss_window: warp 0 adds the step's mean loss (over the B rows of rowloss) to the window; at the window's end (or
+// the run's) rank 0 writes the window's mean to losses[model, pos].
+template <typename index_t>
+__device__ __forceinline__ void loss_window(const PersistentLayout& L, const SgdTrainArgs<index_t>& a, int64_t model,
+                                            int64_t i, const BlockState<index_t>& s, LossWindow& w) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  float sum = 0.f;
+  for (int b = lane; b < L.B; b += 32) sum += s.rowloss[b];
+  sum = cuda::warp_sum(sum);
+  if (lane != 0) return;
+  w.sum += sum * (1.0f / static_cast<float>(L.B));
+  if (++w.count == a.loss_every || i == a.S - 1) {
+    if (s.rank == 0) a.losses[model * a.num_losses + w.pos] = w.sum / static_cast<float>(w.count);
+    ++w.pos;
+    w.sum = 0.f;
+    w.count = 0;
+  }
+}
+
+// backward_products: the gradient products of a step and the SGD updates of W1, b1, W2, b2 (C's is
+// embedding_update). Three stages, two barriers inside (the second a cluster barrier: dx sums over the slices):
+//   1. dpre = (dl @ W2[slice, :]^T) * (1 - h^2)  (B, nh)
+//   2. partial dx = dpre @ W1[:, slice]^T (B, TE) per split-K group, before W1 changes; and the updates that need
+//      nothing more: W2[slice] -= lr * h^T @ dl, b2 -= lr * sum_b dl (every block, identically),
+//      b1[slice] -= lr * sum_b dpre
+//   3. W1[:, slice] -= lr * x^T @ dpre; dx = sum over (block, group) of the partials, in that order.
+// The items of stages 2 and 3 continue one numbering (first_item), so no thread gets two tiles while another idles.
+template <int CS, typename index_t>
+__device__ __forceinline__ void backward_products(const PersistentLayout& L, const BlockState<index_t>& s, float lr) {
+  const int B = L.B, TE = L.TE, V = L.V, ldw1 = L.ldw1, ldw2 = L.ldw2, ldh = L.ldh, nh = s.nh;
+  const float *sH = s.H, *sL = s.L, *sX = s.X;
+  float *sG = s.G, *sW1 = s.W1, *sW2 = s.W2, *sDXp = s.DXp;
+  phase_product(
+      0, B, nh, V, 1, [&](int m, int k) { return sL[m * V + k]; }, [&](int k, int n) { return sW2[n * ldw2 + k]; },
+      [&](int, int m, int n, float v) {
+        const float hv = sH[m * ldh + n];
+        sG[m * ldh + n] = v * (1.f - hv * hv);
+      });
+  __syncthreads();
+
+  int base = phase_product(
+      0, B, TE, nh, L.ks_dx, [&](int m, int k) { return sG[m * ldh + k]; },
+      [&](int k, int n) { return sW1[n * ldw1 + k]; },
+      [&](int g, int m, int n, float v) { sDXp[(g * B + m) * TE + n] = v; });
+  base += phase_product(
+      base, nh, V, B, 1, [&](int m, int k) { return sH[k * ldh + m]; }, [&](int k, int n) { return sL[k * V + n]; },
+      [&](int, int m, int n, float v) { sW2[m * ldw2 + n] -= lr * v; });
+  for (int v = first_item(base); v < V; v += kThreads) {
+    float sum = 0.f;
+    for (int b = 0; b < B; ++b) sum += sL[b * V + v];
+    s.b2[v] -= lr * sum;
+  }
+  base += V;
+  for (int j = first_item(base); j < nh; j += kThreads) {
+    float sum = 0.f;
+    for (int b = 0; b < B; ++b) sum += sG[b * ldh + j];
+    s.b1[j] -= lr * sum;
+  }
+  cluster_or_block_sync<CS>();
+
+  base = phase_product(
+      0, TE, nh, B, 1, [&](int m, int k) { return sX[k * TE + m]; }, [&](int k, int n) { return sG[k * ldh + n]; },
+      [&](int, int m, int n, float v) { sW1[m * ldw1 + n] -= lr * v; });
+  for (int q = first_item(base); q < B * TE; q += kThreads) {
+    float sum = 0.f;
+    for (int r = 0; r < CS; ++r) {
+      const float* dxp = cluster_peer<CS>(sDXp, r);
+      for (int g = 0; g < L.ks_dx; ++g) sum += dxp[g * B * TE + q];
+    }
+    s.DX[q] = sum;
+  }
+}
+
+// embedding_update: C -= lr * dC. One warp per token v gathers the dx rows (E,) of the positions holding v (a warp
+// ballot over the B*T positions, in position order: deterministic, no atomics), lanes over the embedding.
+template <typename index_t>
+__device__ __forceinline__ void embedding_update(const PersistentLayout& L, const BlockState<index_t>& s,
+                                                 const index_t* tok, float lr) {
+  const int V = L.V, E = L.E, BT = L.B * L.T;
+  const int lane = threadIdx.x & 31;
+  for (int v = threadIdx.x >> 5; v < V; v += kWarps) {
+    for (int e0 = 0; e0 < E; e0 += 64) {
+      float acc0 = 0.f, acc1 = 0.f;
+      for (int p0 = 0; p0 < BT; p0 += 32) {
+        const int p = p0 + lane;
+        unsigned hits = __ballot_sync(cuda::kFullMask, p < BT && static_cast<int>(tok[p]) == v);
+        while (hits) {
+          const int q = p0 + __ffs(hits) - 1;
+          hits &= hits - 1;
+          if (e0 + lane < E) acc0 += s.DX[q * E + e0 + lane];
+          if (e0 + 32 + lane < E) acc1 += s.DX[q * E + e0 + 32 + lane];
+        }
+      }
+      if (e0 + lane < E) s.C[v * E + e0 + lane] -= lr * acc0;
+      if (e0 + 32 + lane < E) s.C[v * E + e0 + 32 + lane] -= lr * acc1;
+    }
+  }
+}
+
+// S SGD steps of model blockIdx.x / CS; this block is rank blockIdx.x % CS of its cluster (see the top of the file).
+// Seeded: the minibatch rows come from Philox (a.seeds), otherwise from a.batch_idx.
+template <int CS, bool Seeded, typename index_t>
 __global__ void __launch_bounds__(kThreads, 1)
     sgd_train_persistent_kernel(const PersistentLayout L, const SgdTrainArgs<index_t> a) {
   CHARMLP_DYNAMIC_SHARED(unsigned char, smem, 16);
-  float* sC = reinterpret_cast<float*>(smem + L.off_C);    // (V, E), replicated in every block of the cluster
-  float* sW1 = reinterpret_cast<float*>(smem + L.off_W1);  // (TE, ldw1): this block's columns of W1
-  float* sb1 = reinterpret_cast<float*>(smem + L.off_b1);  // (hc,)
-  float* sW2 = reinterpret_cast<float*>(smem + L.off_W2);  // (hc, ldw2): this block's rows of W2
-  float* sb2 = reinterpret_cast<float*>(smem + L.off_b2);  // (V,), replicated
-  float* sH = reinterpret_cast<float*>(smem + L.off_H);    // (B, ldh) tanh activations of this block's slice
-  float* sG = reinterpret_cast<float*>(smem + L.off_G);    // (B, ldh) dL/dpre of the slice
-  float* sX = reinterpret_cast<float*>(smem + L.off_X);    // (B, TE) gathered embeddings
-  float* sLp = reinterpret_cast<float*>(smem + L.off_Lp);  // (ks_logits, B, V) partial logits of the slice
-  float* sL = reinterpret_cast<float*>(smem + L.off_L);    // (B, V) logits -> dL/dlogits
-  float* sDXp = reinterpret_cast<float*>(smem + L.off_DXp);  // (ks_dx, B, TE) partial dL/dx of the slice
-  float* sDX = reinterpret_cast<float*>(smem + L.off_DX);    // (B, TE) dL/dx = (B*T, E) rows per position
-  float* sRowLoss = reinterpret_cast<float*>(smem + L.off_rowloss);  // (B,)
-  index_t* sTok = reinterpret_cast<index_t*>(smem + L.off_tok);      // (2, B, T) double-buffered minibatch
-  index_t* sTgt = reinterpret_cast<index_t*>(smem + L.off_tgt);      // (2, B)
-
-  const int B = L.B, T = L.T, E = L.E, TE = L.TE, H = L.H, V = L.V;
-  const int ldw1 = L.ldw1, ldw2 = L.ldw2, ldh = L.ldh;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int rank = cluster_rank<CS>();
+  const BlockState<index_t> s = block_state<CS, index_t>(L, smem);
   const int64_t model = blockIdx.x / CS;
-  const int h0 = rank * L.hc;                      // first hidden unit of this block
-  const int nh = max(0, min(L.hc, H - h0));        // hidden units of this block
-  const float inv_B = 1.0f / static_cast<float>(B);
-
-  // Parameters -> shared memory (global layouts: C (V, E), W1 (TE, H), b1 (H), W2 (H, V), b2 (V)).
-  float* gC = a.C + model * V * E;
-  float* gW1 = a.W1 + model * TE * H;
-  float* gb1 = a.b1 + model * H;
-  float* gW2 = a.W2 + model * H * V;
-  float* gb2 = a.b2 + model * V;
-  for (int q = tid; q < V * E; q += kThreads) sC[q] = gC[q];
-  for (int q = tid; q < TE * nh; q += kThreads) sW1[(q / nh) * ldw1 + q % nh] = gW1[int64_t(q / nh) * H + h0 + q % nh];
-  for (int q = tid; q < nh; q += kThreads) sb1[q] = gb1[h0 + q];
-  for (int q = tid; q < nh * V; q += kThreads) sW2[(q / V) * ldw2 + q % V] = gW2[int64_t(h0) * V + q];
-  for (int q = tid; q < V; q += kThreads) sb2[q] = gb2[q];
-  if (a.S > 0) prefetch_minibatch(L, a, model, 0, sTok, sTgt);
+  const ModelParams params = model_params(L, a, model);
+  load_parameters(L, params, s);
+  if (a.S > 0) draw_minibatch<Seeded>(L, a, model, 0, s);
   __pipeline_wait_prior(0);
   __syncthreads();
 
   const float* lrs = a.lrs + model * a.lr_stride;
-  float window_sum = 0.f;  // warp 0 keeps the loss window
-  int64_t window_count = 0, loss_pos = 0;
-
+  LossWindow window;
   for (int64_t i = 0; i < a.S; ++i) {
-    const index_t* tok = sTok + (i & 1) * B * T;  // (B, T) this step's contexts
-    const index_t* tgt = sTgt + (i & 1) * B;      // (B,) targets
+    const index_t* tok = s.tok + (i & 1) * L.B * L.T;  // (B, T) this step's contexts
+    const index_t* tgt = s.tgt + (i & 1) * L.B;        // (B,) their targets
     const float lr = lrs[i];
-    if (i + 1 < a.S) prefetch_minibatch(L, a, model, i + 1, sTok, sTgt);  // lands while this step computes
-
-    // P1. h = tanh(x @ W1[:, slice] + b1[slice])  (B, nh), x = C[tok] gathered on the fly; the threads of column
-    //     group 0 also store x (B, TE) for the W1 update.
-    {
-      const int nt_count = (nh + kTileN - 1) / kTileN;
-      const int items = ((B + kTileM - 1) / kTileM) * nt_count;
-      for (int w = tid; w < items; w += kThreads) {
-        const int m0 = (w / nt_count) * kTileM, n0 = w % nt_count;
-        int nj[kTileN];
-#pragma unroll
-        for (int j = 0; j < kTileN; ++j) nj[j] = min(n0 + j * nt_count, nh - 1);
-        float acc[kTileM][kTileN] = {};
-        for (int t = 0; t < T; ++t) {
-          const float* crow[kTileM];
-#pragma unroll
-          for (int r = 0; r < kTileM; ++r) {
-            const int tk = static_cast<int>(tok[min(m0 + r, B - 1) * T + t]);
-            CUDA_KERNEL_ASSERT(tk >= 0 && tk < V && "X holds a token outside the vocabulary");
-            crow[r] = sC + tk * E;
-          }
-          for (int e = 0; e < E; ++e) {
-            const int k = t * E + e;
-            float av[kTileM], bv[kTileN];
-#pragma unroll
-            for (int r = 0; r < kTileM; ++r) av[r] = crow[r][e];
-#pragma unroll
-            for (int j = 0; j < kTileN; ++j) bv[j] = sW1[k * ldw1 + nj[j]];
-#pragma unroll
-            for (int r = 0; r < kTileM; ++r)
-#pragma unroll
-              for (int j = 0; j < kTileN; ++j) acc[r][j] = fmaf(av[r], bv[j], acc[r][j]);
-            if (n0 == 0) {
-#pragma unroll
-              for (int r = 0; r < kTileM; ++r)
-                if (m0 + r < B) sX[(m0 + r) * TE + k] = av[r];
-            }
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < kTileM; ++r)
-#pragma unroll
-          for (int j = 0; j < kTileN; ++j) {
-            const int n = n0 + j * nt_count;
-            if (m0 + r < B && n < nh) sH[(m0 + r) * ldh + n] = tanhf(acc[r][j] + sb1[n]);
-          }
-      }
-    }
+    if (i + 1 < a.S) draw_minibatch<Seeded>(L, a, model, i + 1, s);
+    hidden_layer(L, s, tok);
     __syncthreads();
-
-    // P2. Partial logits of the slice: Lp[g] = h[:, kg] @ W2[kg, :]  (B, V) per split-K group g.
-    phase_product(
-        0, B, V, nh, L.ks_logits, [&](int m, int k) { return sH[m * ldh + k]; },
-        [&](int k, int n) { return sW2[k * ldw2 + n]; },
-        [&](int g, int m, int n, float v) { sLp[(g * B + m) * V + n] = v; });
-    cluster_or_block_sync<CS>();
-
-    // P3. logits = b2 + sum over (block, group) of the partials, in that order; softmax cross-entropy per row
-    //     (one warp per row); dL/dlogits = (softmax - onehot) / B replaces the logits.
-    for (int b = warp; b < B; b += kWarps) {
-      float* lrow = sL + b * V;
-      float mx = -INFINITY;
-      for (int v = lane; v < V; v += 32) {
-        float s = sb2[v];
-        for (int r = 0; r < CS; ++r) {
-          const float* lp = cluster_peer<CS>(sLp, r);
-          for (int g = 0; g < L.ks_logits; ++g) s += lp[(g * B + b) * V + v];
-        }
-        lrow[v] = s;
-        mx = fmaxf(mx, s);
-      }
-      mx = warp_max(mx);
-      float se = 0.f;
-      for (int v = lane; v < V; v += 32) se += expf(lrow[v] - mx);
-      se = warp_sum(se);
-      const int y = static_cast<int>(tgt[b]);
-      CUDA_KERNEL_ASSERT(y >= 0 && y < V && "Y holds a target outside the vocabulary");
-      __syncwarp();
-      const float logit_y = lrow[y];
-      __syncwarp();  // every lane has read logit_y before lane y % 32 overwrites it
-      const float inv_se = 1.0f / se;
-      for (int v = lane; v < V; v += 32) lrow[v] = (expf(lrow[v] - mx) * inv_se - (v == y ? 1.f : 0.f)) * inv_B;
-      if (lane == 0) sRowLoss[b] = mx + logf(se) - logit_y;
-    }
+    softmax_rows<CS>(L, s, tgt);
     __syncthreads();
-
-    // P4. dpre = (dl @ W2[slice, :]^T) * (1 - h^2)  (B, nh); warp 0 also sums the step's loss.
-    phase_product(
-        0, B, nh, V, 1, [&](int m, int k) { return sL[m * V + k]; }, [&](int k, int n) { return sW2[n * ldw2 + k]; },
-        [&](int, int m, int n, float v) {
-          const float hv = sH[m * ldh + n];
-          sG[m * ldh + n] = v * (1.f - hv * hv);
-        });
-    if (warp == 0) {
-      float s = 0.f;
-      for (int b = lane; b < B; b += 32) s += sRowLoss[b];
-      s = warp_sum(s);
-      if (lane == 0) {
-        window_sum += s * inv_B;
-        if (++window_count == a.loss_every || i == a.S - 1) {
-          if (rank == 0) a.losses[model * a.num_losses + loss_pos] = window_sum / static_cast<float>(window_count);
-          ++loss_pos;
-          window_sum = 0.f;
-          window_count = 0;
-        }
-      }
-    }
+    loss_window(L, a, model, i, s, window);  // warp 0, before its share of backward_products
+    backward_products<CS>(L, s, lr);
     __syncthreads();
-
-    // P5. Partial dx = dpre @ W1[:, slice]^T (B, TE) per split-K group — before W1 changes; and the updates that
-    //     need nothing more: W2[slice] -= lr * h^T @ dl, b2 -= lr * sum_b dl (every block, identically),
-    //     b1[slice] -= lr * sum_b dpre.
-    {
-      int base = phase_product(
-          0, B, TE, nh, L.ks_dx, [&](int m, int k) { return sG[m * ldh + k]; },
-          [&](int k, int n) { return sW1[n * ldw1 + k]; },
-          [&](int g, int m, int n, float v) { sDXp[(g * B + m) * TE + n] = v; });
-      base += phase_product(
-          base, nh, V, B, 1, [&](int m, int k) { return sH[k * ldh + m]; }, [&](int k, int n) { return sL[k * V + n]; },
-          [&](int, int m, int n, float v) { sW2[m * ldw2 + n] -= lr * v; });
-      for (int v = first_item(base); v < V; v += kThreads) {
-        float s = 0.f;
-        for (int b = 0; b < B; ++b) s += sL[b * V + v];
-        sb2[v] -= lr * s;
-      }
-      base += V;
-      for (int j = first_item(base); j < nh; j += kThreads) {
-        float s = 0.f;
-        for (int b = 0; b < B; ++b) s += sG[b * ldh + j];
-        sb1[j] -= lr * s;
-      }
-    }
-    cluster_or_block_sync<CS>();
-
-    // P6. W1[:, slice] -= lr * x^T @ dpre; dx = sum over (block, group) of the partials, in that order.
-    {
-      const int base = phase_product(
-          0, TE, nh, B, 1, [&](int m, int k) { return sX[k * TE + m]; }, [&](int k, int n) { return sG[k * ldh + n]; },
-          [&](int, int m, int n, float v) { sW1[m * ldw1 + n] -= lr * v; });
-      for (int q = first_item(base); q < B * TE; q += kThreads) {
-        float s = 0.f;
-        for (int r = 0; r < CS; ++r) {
-          const float* dxp = cluster_peer<CS>(sDXp, r);
-          for (int g = 0; g < L.ks_dx; ++g) s += dxp[g * B * TE + q];
-        }
-        sDX[q] = s;
-      }
-    }
-    __syncthreads();
-
-    // P7. C -= lr * dC: one warp per token v gathers the dx rows of the positions holding v (warp ballot over the
-    //     B*T positions, in position order — deterministic, no atomics), lanes over the embedding.
-    for (int v = warp; v < V; v += kWarps) {
-      for (int e0 = 0; e0 < E; e0 += 64) {
-        float acc0 = 0.f, acc1 = 0.f;
-        for (int p0 = 0; p0 < B * T; p0 += 32) {
-          const int p = p0 + lane;
-          unsigned hits = __ballot_sync(kFullMask, p < B * T && static_cast<int>(tok[p]) == v);
-          while (hits) {
-            const int q = p0 + __ffs(hits) - 1;
-            hits &= hits - 1;
-            if (e0 + lane < E) acc0 += sDX[q * E + e0 + lane];
-            if (e0 + 32 + lane < E) acc1 += sDX[q * E + e0 + 32 + lane];
-          }
-        }
-        if (e0 + lane < E) sC[v * E + e0 + lane] -= lr * acc0;
-        if (e0 + 32 + lane < E) sC[v * E + e0 + 32 + lane] -= lr * acc1;
-      }
-    }
+    embedding_update(L, s, tok, lr);
     __pipeline_wait_prior(0);  // the next step's minibatch has landed
     __syncthreads();
   }
-
-  // Shared memory -> parameters: each block its slice; C and b2 (identical in every block) from rank 0.
-  for (int q = tid; q < TE * nh; q += kThreads) gW1[int64_t(q / nh) * H + h0 + q % nh] = sW1[(q / nh) * ldw1 + q % nh];
-  for (int q = tid; q < nh; q += kThreads) gb1[h0 + q] = sb1[q];
-  for (int q = tid; q < nh * V; q += kThreads) gW2[int64_t(h0) * V + q] = sW2[(q / V) * ldw2 + q % V];
-  if (rank == 0) {
-    for (int q = tid; q < V * E; q += kThreads) gC[q] = sC[q];
-    for (int q = tid; q < V; q += kThreads) gb2[q] = sb2[q];
-  }
-  // No block may exit (and release its shared memory) while a peer might still read its partial buffers.
-  if constexpr (CS > 1) cluster_or_block_sync<CS>();
+  store_parameters<CS>(L, params, s);
 }
 
 // ---- host launchers ----------------------------------------------------------------------------------------------
 
 // Launches one block (CS = 1) or one cluster of CS blocks per model; false, without launching, when the device
 // cannot schedule such a cluster at all (the plan only knows the per-block limits).
-template <int CS, typename index_t>
+template <int CS, bool Seeded, typename index_t>
 bool launch_persistent(const PersistentLayout& L, const SgdTrainArgs<index_t>& args, int64_t M,
                        cudaStream_t stream) {
-  auto kernel = sgd_train_persistent_kernel<CS, index_t>;
+  auto kernel = sgd_train_persistent_kernel<CS, Seeded, index_t>;
   CHARMLP_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes)));
   cudaLaunchConfig_t cfg = {};
@@ -480,14 +581,14 @@ bool launch_persistent(const PersistentLayout& L, const SgdTrainArgs<index_t>& a
   return true;
 }
 
-template <typename index_t>
+template <bool Seeded, typename index_t>
 bool launch_persistent_cs(const PersistentLayout& L, const SgdTrainArgs<index_t>& args, int64_t M,
                           cudaStream_t stream) {
   switch (L.cluster) {
-    case 1: return launch_persistent<1>(L, args, M, stream);
-    case 2: return launch_persistent<2>(L, args, M, stream);
-    case 4: return launch_persistent<4>(L, args, M, stream);
-    case 8: return launch_persistent<8>(L, args, M, stream);
+    case 1: return launch_persistent<1, Seeded>(L, args, M, stream);
+    case 2: return launch_persistent<2, Seeded>(L, args, M, stream);
+    case 4: return launch_persistent<4, Seeded>(L, args, M, stream);
+    case 8: return launch_persistent<8, Seeded>(L, args, M, stream);
     default: TORCH_CHECK(false, "sgd_train: unsupported cluster size ", L.cluster, " (1, 2, 4 or 8)");
   }
 }
@@ -525,7 +626,9 @@ at::Tensor sgd_train_cuda(const at::Tensor& C, const at::Tensor& W1, const at::T
     // (MIG, MPS). With cluster_size = 0 (auto) fall back to smaller clusters (more shared memory per block), as the
     // caller asked for any that works; a cluster size the caller chose is an error instead.
     for (PersistentPlan p = plan;;) {
-      if (launch_persistent_cs<index_t>(p.layout, a, s.M, stream)) return;
+      const bool launched = s.use_seeds ? launch_persistent_cs<true>(p.layout, a, s.M, stream)
+                                        : launch_persistent_cs<false>(p.layout, a, s.M, stream);
+      if (launched) return;
       TORCH_CHECK(cluster_size == 0 && p.layout.cluster > 1, "sgd_train: a cluster of ", p.layout.cluster,
                   " blocks with ", p.layout.bytes, " bytes of shared memory each cannot be scheduled on this device; ",
                   "pass a smaller cluster_size");
@@ -554,7 +657,7 @@ at::Tensor philox_minibatch_cuda(const at::Tensor& seeds, const at::Tensor& star
   if (total == 0) return out;
   const auto sc = seeds.expect_contiguous();
   constexpr int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 4096));
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, threads), 4096));
   cuda::launch(philox_minibatch_kernel, blocks, threads, 0, cuda::current_stream(),
       sc->data_ptr<int64_t>(), start_step.data_ptr<int64_t>(), num_steps, batch_size, num_rows, total,
       out.data_ptr<int64_t>());

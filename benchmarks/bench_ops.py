@@ -154,11 +154,6 @@ class Case:
         return lambda _: torch.autograd.grad(self.impls[name](), self.params, self.grad_out)
 
 
-def has_kernel(op_name: str, device: str) -> bool:
-    key = "CUDA" if device == "cuda" else "CPU"
-    return ops.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op_name}", key)
-
-
 def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
@@ -410,7 +405,7 @@ def main(argv=None) -> int:
     rows, notes = [], []
 
     for op in args.ops:
-        missing = [k for k in REQUIRED_KERNELS[op] if not has_kernel(k, device)]
+        missing = [k for k in REQUIRED_KERNELS[op] if not ops.has_kernel(k, device)]
         if missing:
             note = f"{op}: skipped, no {device.upper()} kernel registered for " + ", ".join(f"charmlp::{k}" for k in missing)
             print(note)

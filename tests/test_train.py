@@ -41,7 +41,7 @@ def run_cli(module: str, *args: str, cwd: Path | None = None) -> subprocess.Comp
 def test_smoke_training_checkpoint_and_sampling(tmp_path, words_file, impl):
     cfg = TrainConfig(data=str(words_file), steps=600, lr_decay_step=400, eval_every=200, log_every=100,
                       device="cpu", impl=impl, out=str(tmp_path / "run"), num_samples=5, n_hidden=64)
-    metrics = train(cfg, progress=False)
+    metrics = train(cfg, progress=False).metrics
     curve = [d["dev_loss"] for d in metrics["dev_curve"]]
     assert len(curve) == 3 and curve[-1] < curve[0] < 4.0  # the loss decreases from the first evaluation on
     assert metrics["losses"]["train"] < 2.6
@@ -51,7 +51,7 @@ def test_smoke_training_checkpoint_and_sampling(tmp_path, words_file, impl):
     assert saved["losses"] == metrics["losses"] and saved["config"]["steps"] == 600
 
     ck = load_checkpoint(tmp_path / "run" / "model.safetensors")
-    model, vocab = ck.model, ck.vocab
+    model, vocab = ck.model(), ck.vocab
     assert ck.config["n_hidden"] == 64 and ck.extra["step"] == 600
     assert model.n_hidden == 64 and len(vocab) == model.vocab_size
     # The checkpoint holds the trained parameters: its samples equal those printed at the end of training.

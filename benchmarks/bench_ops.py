@@ -418,7 +418,7 @@ def main(argv=None) -> int:
             dims = dict(SIZES[size])
             if device == "cpu" and (op, size) in CPU_SHRINK:
                 dims.update(CPU_SHRINK[op, size])
-                note = f"{op}/{size}: B shrunk to {dims['B']} on the CPU (the issue's B = {SIZES[size]['B']})"
+                note = f"{op}/{size}: B shrunk to {dims['B']} on the CPU (the size's B = {SIZES[size]['B']})"
                 print(note)
                 notes.append(note)
             threads = threads_for(args.threads, dims["B"] * dims["H"] * (dims["T"] * dims["E"] + dims["V"]),

@@ -32,14 +32,14 @@ if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile e
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from charmlp_fast.checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint  # noqa: E402
+from charmlp_fast.checkpoint import Checkpoint, atomic_write, save_checkpoint  # noqa: E402
 from charmlp_fast.config import TrainConfig, add_model_data_arguments, resolve_config  # noqa: E402
 from charmlp_fast.data import Corpus, load_corpus  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.sample import SAMPLE_SEED, sample_names  # noqa: E402
-from charmlp_fast.steppers import Stepper, StepperChoice, lr_schedule, select_stepper  # noqa: E402
+from charmlp_fast.steppers import STEPPER_IMPLS, Stepper, StepperChoice, lr_schedule, select_stepper  # noqa: E402
 
-IMPL_CHOICES = ("auto", "reference", "fused", "graph", "persistent")  # steppers.STEPPER_IMPLS and auto
+IMPL_CHOICES = ("auto", *STEPPER_IMPLS)
 # Divergence that stays finite: a chunk whose mean loss exceeds this factor times max(ln V, the loss of the run's
 # first step) stops the run. The seed's initialisation starts near 20-27 on names (ln V = 3.3), so a normal start
 # sits far below the bound; --lr 1e6 reaches millions.
@@ -356,11 +356,11 @@ def train_chunks(run: Run, progress: bool) -> tuple[int | None, float, list[dict
 
 def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
           checkpoint: Checkpoint | None = None) -> TrainResult:
-    """Train per cfg; write the checkpoint, metrics and plots into cfg.out. cfg is resolved (resolve_config: for
-    --resume, the checkpoint's config with the flags a resumed run may change); checkpoint is cfg.resume's, as
-    resolve_config returned it (read again when None)."""
+    """Train per cfg; write the checkpoint, metrics and plots into cfg.out. For --resume, cfg and checkpoint are
+    what resolve_config returned; a resuming cfg without its checkpoint is resolved here with every field as given
+    (a field that would change the model, data or schedule is an error)."""
     if cfg.resume and checkpoint is None:
-        checkpoint = load_checkpoint(cfg.resume)
+        cfg, checkpoint = resolve_config(cfg, dataclasses.asdict(cfg))
     run = setup(cfg, corpus, checkpoint)
     with lock_out_dir(run.out), intra_op_threads(threads_for(cfg.threads, run.work)) as run.threads:
         print(f"config: {cfg}", flush=True)

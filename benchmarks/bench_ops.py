@@ -154,11 +154,6 @@ class Case:
         return lambda _: torch.autograd.grad(self.impls[name](), self.params, self.grad_out)
 
 
-def has_kernel(op_name: str, device: str) -> bool:
-    key = "CUDA" if device == "cuda" else "CPU"
-    return ops.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op_name}", key)
-
-
 def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
@@ -384,6 +379,77 @@ def parse_args(argv=None):
     return args
 
 
+def drop_disagreeing(case, label: str, notes: list[str], tol: float = 1e-4) -> dict:
+    """Check every implementation of a case against eager (verify) and remove those that fail or disagree beyond
+    tol, with a note each: only agreeing implementations are timed. -> the errors of all."""
+    errors = verify(case)
+    for name, err in errors.items():
+        if isinstance(err, str):
+            note = f"{label}: {name} failed ({err}); not timed"
+        elif err > tol:
+            note = f"{label}: {name} disagrees with eager (max relative error {err:.2e}); not timed"
+        else:
+            print(f"{label}: {name} vs eager, max relative error {err:.2e} ok")
+            continue
+        print(note)
+        notes.append(note)
+        del case.impls[name]
+    return errors
+
+
+def time_passes(case, op: str, size: str, dims: dict, threads: int, errors: dict, args, bw: float,
+                flops_rate: float) -> list[dict]:
+    """One result row per pass of PASSES: every implementation of the case timed, the fused one against the floor."""
+    device, rows = args.device, []
+    for pass_name in PASSES:
+        row = {"op": op, "size": size, "dims": dims, "pass": pass_name, "impls": {}, "threads": threads,
+               "max_rel_error_vs_eager": errors}
+        for name in case.impls:
+            if pass_name == "infer":
+                fn, setup = case.infer(name), None
+            elif pass_name == "fwd":
+                fn, setup = case.fwd(name), None
+            elif pass_name == "bwd":
+                fn, setup = case.bwd(name), case.fwd(name)
+            else:
+                fn, setup = case.fwd_bwd(name), None
+            setup_call = (lambda s=setup: s(None)) if setup else None
+            res = measure(fn, setup_call, device, args.repeats, args.warmup, args.budget)
+            if pass_name == "fwd+bwd":
+                res["peak_mib"] = peak_memory_mib(fn, device)
+            row["impls"][name] = res
+        fused_us = row["impls"]["fused"]["us"]
+        work = case.work.get("fwd" if pass_name == "infer" else pass_name)
+        floor, rate = floor_and_rate(work, fused_us, bw, flops_rate)
+        row["floor_us"], row["fused_rate"] = floor, rate
+        rows.append(row)
+        summary = ", ".join(f"{n} {r['us']:.1f} us" for n, r in row["impls"].items())
+        print(f"  {op:5s} {size:5s} {pass_name:7s} ({threads} thr): {summary}", flush=True)
+    return rows
+
+
+def write_results(out: Path, meta: dict, rows: list[dict], notes: list[str], table: str, peaks: str) -> Path:
+    """<out>/bench_ops_<device>_<date>.json and .md; -> their common stem."""
+    device, dev_name = meta["device"], meta["device_name"]
+    out.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", dev_name if device == "cuda" else "cpu").strip("-")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = out / f"bench_ops_{tag}_{stamp}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "notes": notes, "results": rows}, indent=1))
+    md = [f"# bench_ops: {dev_name} ({device})", "",
+          f"torch {meta['torch']} (CUDA {meta['cuda']}), {meta['date']}, CPU threads {meta['cpu_threads']}, "
+          f"load average {meta['load_average']}", "",
+          f"`{meta['command']}`", "",
+          "Median µs over up to %d repeats after %d warm-up calls; speed-ups are eager / fused and compile / fused; "
+          "floor = max(bytes / bandwidth, FLOPs / FP32 rate) of the minimal work." % (meta["repeats"], meta["warmup"]),
+          "", peaks, "",
+          table, ""]
+    if notes:
+        md += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    return stem
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
@@ -410,7 +476,7 @@ def main(argv=None) -> int:
     rows, notes = [], []
 
     for op in args.ops:
-        missing = [k for k in REQUIRED_KERNELS[op] if not has_kernel(k, device)]
+        missing = [k for k in REQUIRED_KERNELS[op] if not ops.has_kernel(k, device)]
         if missing:
             note = f"{op}: skipped, no {device.upper()} kernel registered for " + ", ".join(f"charmlp::{k}" for k in missing)
             print(note)
@@ -423,7 +489,7 @@ def main(argv=None) -> int:
             dims = dict(SIZES[size])
             if device == "cpu" and (op, size) in CPU_SHRINK:
                 dims.update(CPU_SHRINK[op, size])
-                note = f"{op}/{size}: B shrunk to {dims['B']} on the CPU (the issue's B = {SIZES[size]['B']})"
+                note = f"{op}/{size}: B shrunk to {dims['B']} on the CPU (the size's B = {SIZES[size]['B']})"
                 print(note)
                 notes.append(note)
             threads = threads_for(args.threads, dims["B"] * dims["H"] * (dims["T"] * dims["E"] + dims["V"]),
@@ -431,67 +497,16 @@ def main(argv=None) -> int:
             torch.set_num_threads(threads)
             size_flops = flops_rate * threads if device != "cuda" and flops_rate else flops_rate
             case = CASE_BUILDERS[op](size, dims, device, not args.no_compile)
-            errors = verify(case)
-            tol = 1e-4
-            for name, err in errors.items():
-                if isinstance(err, str):
-                    note = f"{op}/{size}: {name} failed ({err}); not timed"
-                elif err > tol:
-                    note = f"{op}/{size}: {name} disagrees with eager (max relative error {err:.2e}); not timed"
-                else:
-                    print(f"{op}/{size}: {name} vs eager, max relative error {err:.2e} ok")
-                    continue
-                print(note)
-                notes.append(note)
-                del case.impls[name]
+            errors = drop_disagreeing(case, f"{op}/{size}", notes)
             if "fused" not in case.impls:
                 continue
-            for pass_name in PASSES:
-                row = {"op": op, "size": size, "dims": dims, "pass": pass_name, "impls": {}, "threads": threads,
-                       "max_rel_error_vs_eager": errors}
-                for name in case.impls:
-                    if pass_name == "infer":
-                        fn, setup = case.infer(name), None
-                    elif pass_name == "fwd":
-                        fn, setup = case.fwd(name), None
-                    elif pass_name == "bwd":
-                        fn, setup = case.bwd(name), case.fwd(name)
-                    else:
-                        fn, setup = case.fwd_bwd(name), None
-                    setup_call = (lambda s=setup: s(None)) if setup else None
-                    res = measure(fn, setup_call, device, args.repeats, args.warmup, args.budget)
-                    if pass_name == "fwd+bwd":
-                        res["peak_mib"] = peak_memory_mib(fn, device)
-                    row["impls"][name] = res
-                fused_us = row["impls"]["fused"]["us"]
-                work = case.work.get("fwd" if pass_name == "infer" else pass_name)
-                floor, rate = floor_and_rate(work, fused_us, bw, size_flops)
-                row["floor_us"], row["fused_rate"] = floor, rate
-                rows.append(row)
-                summary = ", ".join(f"{n} {r['us']:.1f} us" for n, r in row["impls"].items())
-                print(f"  {op:5s} {size:5s} {pass_name:7s} ({threads} thr): {summary}", flush=True)
+            rows += time_passes(case, op, size, dims, threads, errors, args, bw, size_flops)
             del case
 
     table = markdown_table(rows) if rows else "(nothing measured)"
     print()
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9]+", "-", dev_name if device == "cuda" else "cpu").strip("-")
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = out / f"bench_ops_{tag}_{stamp}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "notes": notes, "results": rows}, indent=1))
-    md = [f"# bench_ops: {dev_name} ({device})", "",
-          f"torch {meta['torch']} (CUDA {meta['cuda']}), {meta['date']}, CPU threads {meta['cpu_threads']}, "
-          f"load average {meta['load_average']}", "",
-          f"`{meta['command']}`", "",
-          "Median µs over up to %d repeats after %d warm-up calls; speed-ups are eager / fused and compile / fused; "
-          "floor = max(bytes / bandwidth, FLOPs / FP32 rate) of the minimal work." % (args.repeats, args.warmup), "",
-          peaks_line(device, bw, flops_rate), "",
-          table, ""]
-    if notes:
-        md += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    stem.with_suffix(".md").write_text("\n".join(md))
+    stem = write_results(Path(args.out), meta, rows, notes, table, peaks_line(device, bw, flops_rate))
     print(f"\nwrote {stem}.json and {stem}.md")
     return 0
 

@@ -5,10 +5,11 @@ Implementations (--impls, comma-separated; default all that apply to the device)
   eager          the notebook loop, literally (torch.randint minibatches, p.grad = None, backward, p.data += -lr*grad)
   graph_pytorch  the same plain-PyTorch step captured in one CUDA graph and replayed per step (CUDA only)
   compile        torch.compile of the forward + loss, eager backward and update (the usual torch.compile recipe)
-  fused          steppers.EagerStepper over CharMLP(impl="fused") (skipped when the fused kernels are missing)
-  graph          device_train.GraphStepper: the fused step, 100 steps per captured CUDA graph (CUDA only)
-  persistent     device_train.PersistentStepper: charmlp::sgd_train, one call per chunk of steps;
+  fused          steppers.EagerStepper over CharMLP(kernels="fused") (skipped when the fused kernels are missing)
+  graph          steppers.GraphStepper: the fused step, 100 steps per captured CUDA graph (CUDA only)
+  persistent     steppers.PersistentStepper: charmlp::sgd_train, one call per chunk of steps;
                  persistent@N forces a thread-block cluster of N blocks per model (CUDA, for tuning)
+The last three are the trainer's steppers, chosen and checked as the trainer does (steppers.select_stepper).
 
 For each: wall time (warm-up included: compilation, graph capture), µs/step, final train and dev loss of the full
 splits (plain float32 forward). The whole-loop steppers run in chunks of --chunk steps, as the trainer does. Slow
@@ -38,14 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import machine  # noqa: E402
-from charmlp_fast import ops, reference  # noqa: E402
+from charmlp_fast import reference  # noqa: E402
 from charmlp_fast.cli import thread_setting, threads_for  # noqa: E402
 from charmlp_fast.data import load_corpus  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
-from charmlp_fast.steppers import EagerStepper, lr_schedule  # noqa: E402
+from charmlp_fast.steppers import StepperChoice, StepperUnavailable, lr_schedule, select_stepper  # noqa: E402
 
 ALL_IMPLS = ["eager", "graph_pytorch", "compile", "fused", "graph", "persistent"]
-CUDA_ONLY = {"graph_pytorch", "graph"}
+STEPPERS = {"fused", "graph", "persistent"}  # the trainer's; the others are baselines written out below
 V_SEED, T_SEED, E_SEED, H_SEED, B_SEED = 27, 3, 10, 200, 32
 LR, LR_DECAY_STEP, LR_AFTER = 0.1, 100_000, 0.01
 
@@ -173,10 +174,10 @@ def train_compile(Xtr, Ytr, V, n, device, timer):
     return parameters
 
 
-def train_stepper(make_stepper, Xtr, Ytr, V, n, device, timer, chunk, impl="reference"):
-    """A stepper of the trainer's interface, run in chunks of `chunk` steps; losses stay on the device."""
-    model = CharMLP(V, T_SEED, E_SEED, H_SEED, impl=impl).to(device)
-    stepper = make_stepper(model)
+def train_stepper(choice: StepperChoice, Xtr, Ytr, V, n, device, timer, chunk):
+    """The trainer's stepper of `choice`, run in chunks of `chunk` steps; losses stay on the device."""
+    model = CharMLP(V, T_SEED, E_SEED, H_SEED, kernels=choice.model_kernels)
+    stepper = choice.build(model.to(device), Xtr, Ytr, B_SEED, reference.SEED)
     losses = []
     for start in range(0, n, chunk):
         losses.append(stepper.run(start, lr_schedule(LR, LR_DECAY_STEP, LR_AFTER, start, min(chunk, n - start))))
@@ -186,49 +187,22 @@ def train_stepper(make_stepper, Xtr, Ytr, V, n, device, timer, chunk, impl="refe
     return [p.detach() for p in model.params()]
 
 
-def skip_reason(impl: str, device: torch.device) -> str | None:
-    from charmlp_fast import device_train
-
+def select(impl: str, device: torch.device):
+    """-> (the runner of impl: (Xtr, Ytr, V, n, device, timer, chunk) -> final params, None), or (None, why it is
+    skipped). impl is a name of ALL_IMPLS, persistent@N for a cluster of N blocks."""
     base, _, cluster = impl.partition("@")
-    if base not in ALL_IMPLS:
-        return f"unknown implementation {impl!r}"
-    if base in CUDA_ONLY and device.type != "cuda":
-        return "CUDA only"
-    if base in ("fused", "graph", "persistent") and not ops.HAS_EXTENSION:
-        return "charmlp_fast._C is not built"
-    if base == "fused" and not ops.kernels_built(device.type):
-        return f"the fused kernels have no {device.type} implementation in this build"
-    if base == "graph":
-        return device_train.GraphStepper.unsupported_reason(device)
-    if base == "persistent":
-        if cluster and device.type != "cuda":
-            return "cluster sizes are a CUDA setting"
-        return device_train.PersistentStepper.unsupported_reason(V_SEED, T_SEED, E_SEED, H_SEED, B_SEED, device,
-                                                                 int(cluster or 0))
-    return None
-
-
-def runner(impl: str, chunk: int):
-    from charmlp_fast import device_train
-
-    base, _, cluster = impl.partition("@")
-    if base == "eager":
-        return train_eager
-    if base == "graph_pytorch":
-        return train_graph_pytorch
-    if base == "compile":
-        return train_compile
-    if base == "fused":
-        return lambda Xtr, Ytr, V, n, device, timer: train_stepper(
-            lambda m: EagerStepper(m, Xtr, Ytr, B_SEED, reference.SEED), Xtr, Ytr, V, n, device, timer, chunk,
-            impl="fused")
-    if base == "graph":
-        return lambda Xtr, Ytr, V, n, device, timer: train_stepper(
-            lambda m: device_train.GraphStepper(m, Xtr, Ytr, B_SEED, reference.SEED), Xtr, Ytr, V, n, device, timer,
-            chunk)
-    return lambda Xtr, Ytr, V, n, device, timer: train_stepper(
-        lambda m: device_train.PersistentStepper(m, Xtr, Ytr, B_SEED, reference.SEED, int(cluster or 0)),
-        Xtr, Ytr, V, n, device, timer, chunk)
+    if base not in ALL_IMPLS or (cluster and not cluster.isdigit()):
+        return None, f"unknown implementation {impl!r}"
+    if base in STEPPERS:
+        try:
+            choice = select_stepper(base, device, (V_SEED, T_SEED, E_SEED, H_SEED, B_SEED), int(cluster or 0))
+        except StepperUnavailable as e:
+            return None, e.reason
+        return (lambda *args: train_stepper(choice, *args)), None
+    if base == "graph_pytorch" and device.type != "cuda":
+        return None, "CUDA only"
+    runner = {"eager": train_eager, "graph_pytorch": train_graph_pytorch, "compile": train_compile}[base]
+    return (lambda *args: runner(*args[:-1])), None
 
 
 @torch.no_grad()
@@ -282,7 +256,7 @@ def main(argv=None) -> int:
 
     rows = []
     for impl in [s.strip() for s in args.impls.split(",") if s.strip()]:
-        reason = skip_reason(impl, device)
+        run, reason = select(impl, device)
         if reason:
             print(f"{impl:>16}: skipped ({reason})", flush=True)
             rows.append({"impl": impl, "skipped": reason})
@@ -293,7 +267,7 @@ def main(argv=None) -> int:
             n = min(n, args.baseline_steps)
         torch.manual_seed(0)
         timer = Timer(device, n)
-        params = runner(impl, args.chunk)(Xtr, Ytr, V, n, device, timer)
+        params = run(Xtr, Ytr, V, n, device, timer, args.chunk)
         wall, steady = timer.stop()
         row = {"impl": impl, "steps": n, "wall_s": wall, "us_per_step": steady, "us_per_step_overall": wall / n * 1e6,
                "warmup_steps": timer.warm_steps, "extrapolated": n < args.steps,

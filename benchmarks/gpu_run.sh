@@ -9,16 +9,14 @@
 #   train         bench_train.py: the seed's 200,000 steps for the fast implementations; eager and compile
 #                 timed on 20,000 steps and extrapolated (--baseline-steps)
 #
-# The extension is built once per call. Every phase runs under one deadline (DEADLINE_S, default 560 s from the
-# start), so that the log and results come back before the device tool's 10-minute limit kills the command; a
-# phase cut off by it says so in the log.
+# The extension is built first (pip install -e ., for this GPU's architecture only). Every phase runs under one
+# deadline (DEADLINE_S seconds from the start, default 560), so that a run bounded in time still writes its log and
+# the results of the phases it finished; a phase cut off by the deadline says so in the log.
 #
-# With the device tool (no network there, torch preinstalled; a machine goes back 30 s after a call, so every
-# call builds afresh): copy the seed's data into the git-ignored .data/ and carry it, then e.g.
+# Data: the seed's names.txt is read from .data/names.txt when present (a machine without ../shared/data), e.g.
 #     mkdir -p .data && cp ../shared/data/names.txt .data/
-#     run(command="bash benchmarks/gpu_run.sh test ops:seed", carry=[".data"])
-#     run(command="bash benchmarks/gpu_run.sh ops:big,word,vocab", carry=[".data"])
-#     run(command="bash benchmarks/gpu_run.sh train", carry=[".data"])
+#     bash benchmarks/gpu_run.sh test ops:seed
+#     OUT=/tmp/gpu DEADLINE_S=3000 bash benchmarks/gpu_run.sh ops:big,word,vocab train
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}

@@ -32,7 +32,8 @@ def cpu_ghz() -> float:
 
 
 def cpu_isa() -> str:
-    """The widest vector ISA torch's own CPU kernels use here: 'AVX512', 'AVX2' or 'DEFAULT' (SSE / NEON)."""
+    """The widest vector ISA torch's own CPU kernels use on the running machine: 'AVX512', 'AVX2' or 'DEFAULT'
+    (SSE / NEON)."""
     return torch.backends.cpu.get_cpu_capability()
 
 
@@ -47,7 +48,7 @@ def peak_fp32_flops(threads: int = 1) -> float:
 
 def measured_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     """Bytes/s of a large tensor copy (read + write, best of `repeats`) with torch's current thread count: what
-    memory-bound kernels can reach here, not the DRAM datasheet figure."""
+    memory-bound kernels can reach on the running machine, not the DRAM datasheet figure."""
     src = torch.rand(nbytes // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch of dst's pages

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from charmlp_fast.data import Vocab
-from charmlp_fast.model import CharMLP
+from charmlp_fast.model import CharMLP, param_shapes
 
 PARAM_NAMES = ("C", "W1", "b1", "W2", "b2")
 FORMAT = "charmlp_fast/1"
@@ -47,11 +47,18 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 @dataclass
 class Checkpoint:
-    model: CharMLP
+    params: list[torch.Tensor]  # [C, W1, b1, W2, b2] in the seed's layouts, on the CPU, shapes checked
+    sizes: dict  # {"vocab_size", "block_size", "n_embd", "n_hidden"}: CharMLP's arguments
     vocab: Vocab
     config: dict  # the training config that wrote it (TrainConfig as a dict)
     extra: dict = field(default_factory=dict)  # JSON-able training state, e.g. {"step": 1000}
     tensors: dict = field(default_factory=dict)  # tensor-valued training state, e.g. the sampler's RNG state
+
+    def model(self, kernels: str = "reference") -> CharMLP:
+        """A CharMLP on the CPU holding the checkpoint's parameters."""
+        model = CharMLP(**self.sizes, kernels=kernels)
+        model.load_params(self.params)
+        return model
 
 
 def save_checkpoint(path: str | os.PathLike, model: CharMLP, vocab: Vocab, config: dict,
@@ -71,7 +78,7 @@ def save_checkpoint(path: str | os.PathLike, model: CharMLP, vocab: Vocab, confi
     atomic_write(path, lambda tmp: save_file(out, tmp, metadata=metadata))
 
 
-def load_checkpoint(path: str | os.PathLike, impl: str = "reference", device: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint written by save_checkpoint; any problem is a CheckpointError with one clear line."""
     path = Path(path)
     if not path.is_file():
@@ -92,10 +99,9 @@ def load_checkpoint(path: str | os.PathLike, impl: str = "reference", device: st
         vocab = Vocab(tuple(v["itos"]), v["sep"])
         config = json.loads(metadata["config"])
         extra = json.loads(metadata.get("extra", "{}"))
-        model = CharMLP(**sizes, impl=impl)
+        expected = dict(zip(PARAM_NAMES, param_shapes(**sizes)))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has damaged metadata: {e}") from None
-    expected = {name: tuple(p.shape) for name, p in zip(PARAM_NAMES, model.params())}
     found = {name: tuple(tensors[name].shape) for name in PARAM_NAMES if name in tensors}
     if found != expected:
         raise CheckpointError(f"{path}: parameter shapes {found} do not match the model sizes {sizes}")
@@ -106,8 +112,5 @@ def load_checkpoint(path: str | os.PathLike, impl: str = "reference", device: st
         raise CheckpointError(f"{path} holds non-finite weights ("
                               + ", ".join(f"{name}: {n:,} of {tensors[name].numel():,}" for name, n in bad.items() if n)
                               + "): it cannot be sampled from or trained on")
-    with torch.no_grad():
-        for name, p in zip(PARAM_NAMES, model.params()):
-            p.copy_(tensors[name])
     state = {k[len("state."):]: t for k, t in tensors.items() if k.startswith("state.")}
-    return Checkpoint(model.to(device), vocab, config, extra, state)
+    return Checkpoint([tensors[name] for name in PARAM_NAMES], sizes, vocab, config, extra, state)

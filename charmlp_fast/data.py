@@ -228,10 +228,6 @@ class Corpus:
     train_sequences: list  # the training split, for novelty reports
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "train" / "dev" / "test" -> (X, Y)
 
-    @property
-    def block_size(self) -> int:
-        return self.splits["train"][0].shape[1]
-
 
 def load_corpus(path: str | os.PathLike | None, block_size: int, split_seed: int = 42, tokens: str = "chars",
                 max_vocab: int | None = None) -> Corpus:

@@ -11,23 +11,28 @@ where the seed settled by eye.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from charmlp_fast.cli import (ArgumentParser, check_out_dir, finite_float, intra_op_threads, positive_int,
-                              quiet_interrupts, resolve_device, run_main, seed_int, thread_setting, threads_for)
+                              quiet_interrupts, resolve_device, run_main, threads_for)
 
 if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
     quiet_interrupts()
 
 import torch  # noqa: E402
 
-from charmlp_fast import reference  # noqa: E402
 from charmlp_fast.checkpoint import atomic_write  # noqa: E402
+from charmlp_fast.config import TrainConfig, add_model_data_arguments  # noqa: E402
 from charmlp_fast.data import load_corpus  # noqa: E402
-from charmlp_fast.model import CharMLP, fastest_impl  # noqa: E402
-from charmlp_fast.steppers import EagerStepper  # noqa: E402
+from charmlp_fast.model import CharMLP  # noqa: E402
+from charmlp_fast.steppers import Stepper, select_stepper  # noqa: E402
 
+# The sweep is the seed's: one eager step per learning rate, minibatches from torch.randint, through the fused
+# kernels where they are built.
+SWEEP_IMPLS = ("fused", "reference")
 SUGGESTION_BACKOFF = 2.0  # suggested lr = lr at the smoothed-loss minimum / this
 SMOOTHING = 0.98  # EMA factor for the loss curve
 FLOAT32_EXPONENT = 37  # |log10 lr| within float32's normal range (1.2e-38 .. 3.4e38)
@@ -51,11 +56,12 @@ def suggest(exponents: torch.Tensor, losses: torch.Tensor) -> float:
     return 10 ** exponents[best].item() / SUGGESTION_BACKOFF
 
 
-def lr_sweep(model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int,
-             lo: float = -3.0, hi: float = 0.0, steps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (exponents (steps,), per-step losses (steps,) on the CPU): the seed's `lre = linspace(-3, 0, 1000)`."""
+def lr_sweep(stepper: Stepper, lo: float = -3.0, hi: float = 0.0, steps: int = 1000
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (exponents (steps,), per-step losses (steps,) on the CPU): the seed's `lre = linspace(-3, 0, 1000)`, one
+    step of `stepper` at each learning rate."""
     exponents = torch.linspace(lo, hi, steps)
-    losses = EagerStepper(model, X, Y, batch_size, seed).run(0, (10 ** exponents).float())
+    losses = stepper.run(0, (10 ** exponents).float())
     return exponents, losses.cpu()
 
 
@@ -78,38 +84,39 @@ def plot_sweep(path: str | Path, exponents: torch.Tensor, losses: torch.Tensor, 
     save_png(fig, path)
 
 
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m charmlp_fast.lr_find", description=__doc__.split("\n\n")[0],
+                       argument_default=argparse.SUPPRESS)  # the model and data flags default to TrainConfig's
+    add_model_data_arguments(p)
+    p.add_argument("--steps", type=positive_int, default=1000, help="learning rates in the sweep (default 1000)")
+    p.add_argument("--lo", type=finite_float, default=-3.0, help="log10 of the smallest learning rate (default -3)")
+    p.add_argument("--hi", type=finite_float, default=0.0, help="log10 of the largest learning rate (default 0)")
+    p.add_argument("--out", default="out", help="directory for lr_find.png and lr_find.json (default out)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m charmlp_fast.lr_find", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="text file, one word per line (default: US baby names)")
-    p.add_argument("--block-size", type=positive_int, default=3, help="T: context length")
-    p.add_argument("--n-embd", type=positive_int, default=10, help="E: embedding size")
-    p.add_argument("--n-hidden", type=positive_int, default=200, help="H: hidden units")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="B: minibatch size")
-    p.add_argument("--steps", type=positive_int, default=1000, help="learning rates in the sweep")
-    p.add_argument("--lo", type=finite_float, default=-3.0, help="log10 of the smallest learning rate")
-    p.add_argument("--hi", type=finite_float, default=0.0, help="log10 of the largest learning rate")
-    p.add_argument("--seed", type=seed_int, default=reference.SEED, help="initialisation and minibatch seed")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=thread_setting, default="auto",
-                   help="CPU intra-op threads (default auto: one when a step is tiny, B*H*(T*E+V) below 2**21 "
-                        "multiply-adds, else torch's default)")
-    p.add_argument("--out", default="out", help="directory for lr_find.png and lr_find.json")
-    args = p.parse_args(argv)
-    if not args.lo < args.hi:
-        p.error(f"--lo {args.lo:g} must be below --hi {args.hi:g}")
-    if not -FLOAT32_EXPONENT <= args.lo < args.hi <= FLOAT32_EXPONENT:
+    p = build_parser()
+    args = vars(p.parse_args(argv))
+    steps, lo, hi, out = args.pop("steps"), args.pop("lo"), args.pop("hi"), args.pop("out")
+    cfg = dataclasses.replace(TrainConfig(), **args)  # the model and data flags
+    if not lo < hi:
+        p.error(f"--lo {lo:g} must be below --hi {hi:g}")
+    if not -FLOAT32_EXPONENT <= lo < hi <= FLOAT32_EXPONENT:
         p.error(f"--lo and --hi must lie in [-{FLOAT32_EXPONENT}, {FLOAT32_EXPONENT}]: the learning rates are "
                 "float32 numbers")
-    device = resolve_device(args.device)
-    corpus = load_corpus(args.data, args.block_size)
-    out = check_out_dir(args.out)
-    work = args.batch_size * args.n_hidden * (args.block_size * args.n_embd + len(corpus.vocab))
+    device = resolve_device(cfg.device)
+    corpus = load_corpus(cfg.data, cfg.block_size, tokens=cfg.tokens, max_vocab=cfg.max_vocab)
+    out = check_out_dir(out)
+    V = len(corpus.vocab)
+    choice = select_stepper("auto", device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size),
+                            auto=SWEEP_IMPLS)
     X, Y = (t.to(device) for t in corpus.splits["train"])
-    model = CharMLP(len(corpus.vocab), args.block_size, args.n_embd, args.n_hidden, seed=args.seed,
-                    impl=fastest_impl(device.type)).to(device)
-    with intra_op_threads(threads_for(args.threads, work)) as threads:
+    model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, seed=cfg.seed, kernels=choice.model_kernels).to(device)
+    work = cfg.batch_size * cfg.n_hidden * (cfg.block_size * cfg.n_embd + V)
+    with intra_op_threads(threads_for(cfg.threads, work)) as threads:
         print(f"device {device}, {threads} thread{'s' if threads > 1 else ''}", flush=True)
-        exponents, losses = lr_sweep(model, X, Y, args.batch_size, args.seed, args.lo, args.hi, args.steps)
+        exponents, losses = lr_sweep(choice.build(model, X, Y, cfg.batch_size, cfg.seed), lo, hi, steps)
     suggested = suggest(exponents, losses)
     sweep = {"exponents": exponents.tolist(), "losses": losses.tolist(), "suggested_lr": suggested,
              "threads": threads}

@@ -1,4 +1,4 @@
-"""CharMLP: the seed's model as an nn.Module, with a choice of implementation for the same parameters."""
+"""CharMLP: the seed's model as an nn.Module, with a choice of kernels for its forward over the same parameters."""
 from __future__ import annotations
 
 import torch
@@ -7,14 +7,19 @@ import torch.nn.functional as F
 
 from charmlp_fast import reference
 
-IMPLS = ("reference", "fused")  # per-step implementations of forward/backward; the trainer adds whole-loop ones
+# The kernels of the forward/backward. (How a training step is run, the trainer's --impl, is the stepper's:
+# charmlp_fast/steppers/.)
+KERNELS = ("reference", "fused")
 
 
-def fastest_impl(device_type: str) -> str:
-    """'fused' where the extension has the fused ops' kernels for the device type, else 'reference'."""
-    from charmlp_fast import ops
-
-    return "fused" if ops.kernels_built(device_type) else "reference"
+def param_shapes(vocab_size: int, block_size: int, n_embd: int, n_hidden: int) -> list[tuple[int, ...]]:
+    """The shapes of [C, W1, b1, W2, b2]: (V, E), (T*E, H), (H,), (H, V), (V,); ValueError for a size below 1."""
+    for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("n_embd", n_embd),
+                        ("n_hidden", n_hidden)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return [(vocab_size, n_embd), (block_size * n_embd, n_hidden), (n_hidden,), (n_hidden, vocab_size),
+            (vocab_size,)]
 
 
 class CharMLP(nn.Module):
@@ -22,25 +27,22 @@ class CharMLP(nn.Module):
 
     Parameters are stored in the seed's layouts (x @ W, not nn.Linear's transpose) and initialised exactly as
     the seed does, so a CharMLP and reference.init_params(...) start bit-for-bit equal.
-    impl="reference" runs the seed's plain-PyTorch forward; impl="fused" runs the charmlp C++/CUDA ops
+    kernels="reference" runs the seed's plain-PyTorch forward; kernels="fused" runs the charmlp C++/CUDA ops
     (embed_linear_tanh, then linear_cross_entropy when only the loss is needed).
     """
 
     def __init__(self, vocab_size: int, block_size: int = 3, n_embd: int = 10, n_hidden: int = 200,
-                 impl: str = "reference", seed: int = reference.SEED):
+                 kernels: str = "reference", seed: int = reference.SEED):
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("n_embd", n_embd),
-                            ("n_hidden", n_hidden)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if impl == "fused":
+        param_shapes(vocab_size, block_size, n_embd, n_hidden)  # checks the sizes
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        if kernels == "fused":
             from charmlp_fast import ops
 
             ops.require_extension()
         self.vocab_size, self.block_size, self.n_embd, self.n_hidden = vocab_size, block_size, n_embd, n_hidden
-        self.impl = impl
+        self.kernels = kernels
         C, W1, b1, W2, b2 = reference.init_params(vocab_size, block_size, n_embd, n_hidden, seed)
         self.C, self.W1, self.b1 = nn.Parameter(C), nn.Parameter(W1), nn.Parameter(b1)
         self.W2, self.b2 = nn.Parameter(W2), nn.Parameter(b2)
@@ -49,9 +51,19 @@ class CharMLP(nn.Module):
         """The five parameters in the seed's order [C, W1, b1, W2, b2]."""
         return [self.C, self.W1, self.b1, self.W2, self.b2]
 
+    @torch.no_grad()
+    def load_params(self, params: list[torch.Tensor]) -> None:
+        """Copy [C, W1, b1, W2, b2] (any device, the seed's layouts) into the parameters."""
+        for p, value in zip(self.params(), params, strict=True):
+            p.copy_(value)
+
+    def sizes(self, batch_size: int) -> tuple[int, int, int, int, int]:
+        """(V, T, E, H, B): what decides whether a stepper fits (steppers.unsupported_reason)."""
+        return self.vocab_size, self.block_size, self.n_embd, self.n_hidden, batch_size
+
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """h (B, H) for contexts idx (B, T)."""
-        if self.impl == "fused":
+        if self.kernels == "fused":
             from charmlp_fast import ops
 
             return ops.embed_linear_tanh(idx, self.C, self.W1, self.b1)
@@ -60,13 +72,13 @@ class CharMLP(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(logits (B, V), loss) — with impl="fused" and targets given, logits is None: the fused output
+        """(logits (B, V), loss) — with kernels="fused" and targets given, logits is None: the fused output
         layer computes the loss without ever materialising them."""
         h = self.hidden(idx)
-        if self.impl == "fused" and targets is not None:
+        if self.kernels == "fused" and targets is not None:
             from charmlp_fast import ops
 
             return None, ops.linear_cross_entropy(h, self.W2, self.b2, targets)
-        logits = torch.addmm(self.b2, h, self.W2) if self.impl == "fused" else h @ self.W2 + self.b2
+        logits = torch.addmm(self.b2, h, self.W2) if self.kernels == "fused" else h @ self.W2 + self.b2
         loss = None if targets is None else F.cross_entropy(logits, targets)
         return logits, loss

@@ -79,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="report the fraction of samples not in the training split (auto: when the data is found)")
     args = p.parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
-    samples = sample_names(ckpt.model, ckpt.vocab, args.num_samples, args.seed, args.temperature, args.top_k,
+    samples = sample_names(ckpt.model(), ckpt.vocab, args.num_samples, args.seed, args.temperature, args.top_k,
                            args.prefix)
     for s in samples:
         print(s)
     if args.novelty != "off":
         cfg = ckpt.config
         try:
-            corpus = load_corpus(cfg.get("data"), ckpt.model.block_size, tokens=cfg.get("tokens", "chars"),
+            corpus = load_corpus(cfg.get("data"), ckpt.sizes["block_size"], tokens=cfg.get("tokens", "chars"),
                                  max_vocab=cfg.get("max_vocab"))
         except DataError as e:
             if args.novelty == "on":

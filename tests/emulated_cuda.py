@@ -18,6 +18,8 @@ import os
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from charmlp_fast.ops import has_kernel  # loads charmlp's library and fake kernels first
+
 # The module to load: charmlp_fast._C_emu, or an instrumented build of it (CI's sanitizer job sets this).
 MODULE = os.environ.get("CHARMLP_EMU_MODULE", "charmlp_fast._C_emu")
 
@@ -25,8 +27,6 @@ MODULE = os.environ.get("CHARMLP_EMU_MODULE", "charmlp_fast._C_emu")
 def _load() -> str | None:
     """None when the emulated kernels are loaded, else why not."""
     try:
-        import charmlp_fast.ops  # noqa: F401  (charmlp's library and fake kernels first)
-
         importlib.import_module(MODULE)
     except ImportError as e:
         return f"{MODULE} is not built (make emulator): {e}"
@@ -61,7 +61,7 @@ class _RouteToEmulator(TorchDispatchMode):
         if func.namespace != "charmlp":
             return func(*args, **kwargs)
         emulated = emulated_op(func)
-        if torch._C._dispatch_has_kernel_for_dispatch_key(emulated.name(), "CPU"):
+        if has_kernel(emulated.name(), "cpu"):
             return emulated(*args, **kwargs)
         # A public op below autograd (inference_mode, no_grad): its composite kernel calls the internal ops, which
         # must come back here, so it runs with this mode pushed again.
@@ -109,7 +109,7 @@ def opcheck(op: torch._ops.OpOverload, args: tuple, **kwargs) -> None:
         torch.library.opcheck(op, args, **kwargs)
         return
     emulated = emulated_op(op)
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(emulated.name(), "CPU"):
+    if not has_kernel(emulated.name(), "cpu"):
         return
     from torch.utils._python_dispatch import _disable_current_modes
 

@@ -1,4 +1,4 @@
-"""CharMLP(impl="reference") is the seed's code, bit for bit."""
+"""CharMLP(kernels="reference") is the seed's code, bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from charmlp_fast.model import CharMLP
 
 @pytest.mark.parametrize("V, T, E, H", [(27, 3, 10, 200), (5, 1, 2, 7), (40, 8, 3, 33)])
 def test_reference_model_is_bitwise_the_seed(V, T, E, H):
-    model = CharMLP(V, T, E, H, impl="reference")
+    model = CharMLP(V, T, E, H, kernels="reference")
     params = reference.init_params(V, T, E, H)
     for p, q in zip(model.params(), params):
         assert torch.equal(p.detach(), q)
@@ -43,7 +43,7 @@ def test_logits_without_targets():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(vocab_size=0), "vocab_size must be >= 1"),
     (dict(vocab_size=5, n_hidden=-1), "n_hidden must be >= 1"),
-    (dict(vocab_size=5, impl="nope"), "impl must be one of"),
+    (dict(vocab_size=5, kernels="nope"), "kernels must be one of"),
 ])
 def test_bad_sizes(kwargs, message):
     with pytest.raises(ValueError, match=message):

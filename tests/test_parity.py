@@ -19,7 +19,7 @@ def test_seed_recipe_reaches_seed_dev_loss(names_txt, tmp_path, impl):
     cfg = TrainConfig(data=str(names_txt), device="cpu", impl=impl, out=str(tmp_path), num_samples=0,
                       log_every=20_000)
     assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.lr_decay_step, cfg.lr_after) == (200_000, 32, 0.1, 100_000, 0.01)
-    metrics = train(cfg, corpus=load_corpus(names_txt, cfg.block_size), progress=False)
+    metrics = train(cfg, corpus=load_corpus(names_txt, cfg.block_size), progress=False).metrics
     print(impl, metrics["losses"], f"{metrics['wall_time_s']:.1f} s")
     assert metrics["losses"]["dev"] <= 2.18
     assert metrics["losses"]["train"] <= 2.16

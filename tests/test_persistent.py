@@ -24,10 +24,9 @@ from tests.utils import assert_close, rel_error
 if not ops.HAS_EXTENSION:  # pragma: no cover
     pytest.skip("charmlp_fast._C is not built", allow_module_level=True)
 
-from charmlp_fast import device_train  # noqa: E402  (registers the fake kernels)
-from charmlp_fast.device_train import GraphStepper, PersistentStepper  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
-from charmlp_fast.steppers import lr_schedule  # noqa: E402
+from charmlp_fast.steppers import GraphStepper, PersistentStepper, lr_schedule, unsupported_reason  # noqa: E402
+from charmlp_fast.steppers.graph import fused_sgd_steps  # noqa: E402
 
 SEED_SIZE = dict(V=27, T=3, E=10, H=200, B=32)
 # (V, T, E, H, B): the seed's size, odd sizes that are no multiple of any tile or vector width, T = 1, a wider
@@ -111,7 +110,7 @@ def minibatch_row(seed, step, row, n):
 def run_op(params, X, Y, lrs, **kw):
     """sgd_train on copies of params -> (losses, params)."""
     params = [p.clone() for p in params]
-    losses = device_train.sgd_train(params, X, Y, lrs, **kw)
+    losses = ops.sgd_train(params, X, Y, lrs, **kw)
     return losses, params
 
 
@@ -138,7 +137,7 @@ def test_philox_minibatch_bits(device, seed, n):
     """The op's rows equal the Python Philox's; with n = 2^62 the row is the top 62 bits of the 64-bit word."""
     start = (1 << 32) + 5 if n > 1000 else 3  # a step above 2^32 exercises the counter's high word
     seeds = torch.tensor([seed, seed ^ 0x5DEECE66D], device=device)
-    rows = device_train.philox_minibatch(seeds, start, 4, 6, n).cpu()
+    rows = ops.philox_minibatch(seeds, start, 4, 6, n).cpu()
     assert rows.shape == (2, 4, 6) and rows.dtype == torch.int64
     for m in range(2):
         for i in range(4):
@@ -150,14 +149,14 @@ def test_philox_minibatch_bits(device, seed, n):
 def test_philox_minibatch_cpu_equals_cuda(device):
     seeds = torch.tensor([1, 2147483647, 99])
     with cpu_kernels():
-        cpu = device_train.philox_minibatch(seeds, 10, 50, 33, 182625)
-    cuda = device_train.philox_minibatch(seeds.to(device), 10, 50, 33, 182625)
+        cpu = ops.philox_minibatch(seeds, 10, 50, 33, 182625)
+    cuda = ops.philox_minibatch(seeds.to(device), 10, 50, 33, 182625)
     assert torch.equal(cpu, cuda.cpu())
 
 
 def test_philox_rows_look_uniform():
     """A chi-square over 10 bins of 64,000 draws: a broken mapping (e.g. always the low bits) fails it."""
-    rows = device_train.philox_minibatch(torch.tensor([123]), 0, 2000, 32, 10).flatten()
+    rows = ops.philox_minibatch(torch.tensor([123]), 0, 2000, 32, 10).flatten()
     counts = torch.bincount(rows, minlength=10).double()
     chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum().item()
     assert chi2 < 33.7, chi2  # p = 1e-4 for 9 degrees of freedom
@@ -180,7 +179,7 @@ def test_matches_reference_first_100_steps(device, gemm, V, T, E, H, B, index_dt
     PyTorch loop to <= 1e-4 relative (also checks a run cut into chunks at those steps)."""
     monkeypatch.setenv("CHARMLP_CPU_GEMM", gemm)
     if runs_cuda_kernels(device):
-        reason, _ = device_train.cuda_plan(V, T, E, H, B)
+        reason, _ = ops.cuda_plan(V, T, E, H, B)
         if reason:
             pytest.skip(reason)
     X, Y = make_data(V, T, 3000, seed=V * 100 + H, dtype=index_dtype)
@@ -195,7 +194,7 @@ def test_matches_reference_first_100_steps(device, gemm, V, T, E, H, B, index_dt
     Xd, Yd = X.to(device), Y.to(device)
     done, losses = 0, []
     for stop in (1, 10, 50, 100):
-        losses.append(device_train.sgd_train(dev_params, Xd, Yd, lrs[done:stop].to(device),
+        losses.append(ops.sgd_train(dev_params, Xd, Yd, lrs[done:stop].to(device),
                                              batch_idx=batch_idx[done:stop].to(device), start_step=done,
                                              batch_size=B)[0])
         _, ref_params = reference_train([p[0] for p in params], X, Y, batch_idx[:stop], lrs[:stop])
@@ -301,7 +300,7 @@ def test_chunked_run_equals_one_call_bitwise(device, gemm, loss_every, monkeypat
     chunked = [p.clone() for p in params]
     parts, done = [], 0
     for n in (10, 90, 150, 50):
-        parts.append(device_train.sgd_train(chunked, X, Y, lrs[done:done + n], seeds=seeds, start_step=done,
+        parts.append(ops.sgd_train(chunked, X, Y, lrs[done:done + n], seeds=seeds, start_step=done,
                                             batch_size=B, loss_every=loss_every))
         done += n
     assert torch.equal(torch.cat(parts, dim=1), one_losses)
@@ -319,7 +318,7 @@ def test_seeds_mode_equals_batch_idx_mode(device):
     lrs = torch.full((2, 40), 0.1, device=device)
     seeds = torch.tensor([5, 77], device=device)
     a_losses, a = run_op(params, X, Y, lrs, seeds=seeds, start_step=17, batch_size=B)
-    rows = device_train.philox_minibatch(seeds, 17, 40, B, X.shape[0])
+    rows = ops.philox_minibatch(seeds, 17, 40, B, X.shape[0])
     b_losses, b = run_op(params, X, Y, lrs, batch_idx=rows, start_step=17, batch_size=B)
     assert torch.equal(a_losses, b_losses)
     for p, q in zip(a, b):
@@ -451,9 +450,9 @@ def test_not_differentiable_outside_no_grad():
     params = [p.unsqueeze(0) for p in model.params()]
     kw = dict(seeds=torch.tensor([1]), batch_size=4)
     with pytest.raises(RuntimeError, match=re.escape("sgd_train updates C in place and is not differentiable")):
-        device_train.sgd_train(params, X, Y, torch.full((3,), 0.1), **kw)
+        ops.sgd_train(params, X, Y, torch.full((3,), 0.1), **kw)
     with torch.no_grad():
-        losses = device_train.sgd_train(params, X, Y, torch.full((3,), 0.1), **kw)
+        losses = ops.sgd_train(params, X, Y, torch.full((3,), 0.1), **kw)
     assert losses.grad_fn is None and not losses.requires_grad
 
 
@@ -480,8 +479,8 @@ def test_graph_stepper_body_matches_persistent(device):
     seeds = torch.tensor([9], device=device)
     step = torch.tensor(5, device=device)
     losses = torch.empty(60, device=device)
-    device_train.fused_sgd_steps(a.params(), X, Y, seeds, step, lrs[:25], losses[:25], B)
-    device_train.fused_sgd_steps(a.params(), X, Y, seeds, step, lrs[25:], losses[25:], B)
+    fused_sgd_steps(a.params(), X, Y, seeds, step, lrs[:25], losses[:25], B)
+    fused_sgd_steps(a.params(), X, Y, seeds, step, lrs[25:], losses[25:], B)
     assert step.item() == 65
     expected = PersistentStepper(b, X, Y, B, seed=9).run(5, lrs.cpu())
     assert_close(losses, expected, rtol=1e-4, name="losses")
@@ -493,8 +492,8 @@ def test_graph_stepper_body_matches_persistent(device):
 def test_graph_and_persistent_steppers_sample_the_same_minibatches():
     """CUDA: the CUDA-graph stepper (fused ops) and the persistent kernel, same seed: same losses to float
     rounding, step by step."""
-    if GraphStepper.unsupported_reason("cuda") is not None:
-        pytest.skip(GraphStepper.unsupported_reason("cuda"))
+    if unsupported_reason("graph", "cuda") is not None:
+        pytest.skip(unsupported_reason("graph", "cuda"))
     V, T, E, H, B = 27, 3, 10, 200, 32
     X, Y = make_data(V, T, 5000, seed=13)
     X, Y = X.cuda(), Y.cuda()
@@ -512,7 +511,7 @@ def test_graph_and_persistent_steppers_sample_the_same_minibatches():
 @pytest.mark.parametrize("cluster_size", [1, 2, 4, 8])
 def test_cuda_cluster_sizes_agree_with_cpu(device, cluster_size):
     """CUDA, every cluster size the device allows: 200 Philox steps at the seed's size agree with the CPU op."""
-    reason, _ = device_train.cuda_plan(27, 3, 10, 200, 32, cluster_size=cluster_size)
+    reason, _ = ops.cuda_plan(27, 3, 10, 200, 32, cluster_size=cluster_size)
     if reason:
         pytest.skip(reason)
     V, T, E, H, B = SEED_SIZE.values()
@@ -572,12 +571,14 @@ def test_plan_explains_unsupported_sizes(sizes, device_kw, cluster, expect):
 
 
 def test_unsupported_reason_of_the_steppers():
-    assert PersistentStepper.unsupported_reason(27, 3, 10, 200, 32, "cpu") is None
-    assert PersistentStepper.unsupported_reason(300, 16, 64, 1024, 4096, "cpu") is None  # the CPU loop takes all
-    assert "device type 'meta'" in PersistentStepper.unsupported_reason(27, 3, 10, 200, 32, "meta")
-    assert GraphStepper.unsupported_reason("cpu") == "CUDA graphs need a CUDA device"
+    assert unsupported_reason("persistent", "cpu", (27, 3, 10, 200, 32)) is None
+    assert unsupported_reason("persistent", "cpu", (300, 16, 64, 1024, 4096)) is None  # the CPU loop takes all
+    assert "device type 'meta'" in unsupported_reason("persistent", "meta", (27, 3, 10, 200, 32))
+    assert unsupported_reason("graph", "cpu") == "CUDA graphs need a CUDA device"
+    assert unsupported_reason("persistent", "cpu", (27, 3, 10, 200, 32), cluster_size=2) == \
+        "cluster sizes are a CUDA setting"
     if not torch.cuda.is_available():
-        assert PersistentStepper.unsupported_reason(27, 3, 10, 200, 32, "cuda") is not None
+        assert unsupported_reason("persistent", "cuda", (27, 3, 10, 200, 32)) is not None
         with pytest.raises(ValueError, match="GraphStepper: CUDA graphs need a CUDA device"):
             GraphStepper(CharMLP(5, 2, 3, 4), *make_data(5, 2, 10, 0), 4, 0)
 

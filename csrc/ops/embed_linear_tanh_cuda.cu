@@ -282,6 +282,9 @@ at::Tensor embed_linear_tanh_cuda(const at::Tensor& idx, const at::Tensor& C, co
   return h;
 }
 
+// The backward's four launches in order (numbered as at the top of the file). Over 80 lines, as one function: the
+// split of B computed first sizes both the partial buffer and kernels 2 and 3, and the dtype dispatch holds every
+// launch so that each kernel is instantiated for the dtypes once.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cuda(const at::Tensor& grad_h,
                                                                                const at::Tensor& h,
                                                                                const at::Tensor& idx,

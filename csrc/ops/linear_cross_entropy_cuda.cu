@@ -105,8 +105,11 @@ bool use_small_path(int64_t B, int64_t H, int64_t V, size_t elem_size) {
 // The small path. Forward mode (!kBackward): row_losses, lse and, with_grad, the gradients for grad_loss = 1.
 // Backward mode: the gradients for grad_loss (the logits and their lse are recomputed here; with_grad is true).
 // h (B, H), W2 (H, V), b2 (V) contiguous; grad_h (B, H); partial (gridDim.x, H * V + V).
-// One kernel body for the per-row pipeline of both modes (logits, softmax row, gradient, the two products) that
-// only ever runs as a whole: over ~80 lines, split only by the comments of its stages.
+// Over 80 lines, kept as one body whose stages are marked by comments: the stages of a tile (h rows, logits, softmax
+// row, d, grad_h, the block's h^T d) share the warp's registers (the row's z[kC], t, g) and the block's tiles in
+// shared memory, and ptxas's allocation of this kernel is tight: its float64 instantiations spill at 64 registers,
+// by amounts that move with small rewrites of this body (benchmarks/kernel_resources.py). The softmax row is written
+// out rather than through cuda::warp_row_grad's callback, which put the float32 kC = 3 instantiation into spills.
 template <typename scalar_t, typename index_t, int kC, bool kBackward>
 __global__ void __launch_bounds__(kSmallThreads) linear_cross_entropy_small_kernel(
     const scalar_t* __restrict__ h, const scalar_t* __restrict__ W2, const scalar_t* __restrict__ b2,

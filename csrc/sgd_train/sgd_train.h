@@ -110,7 +110,8 @@ struct SgdTrainShape {
 
 // Checks every argument of charmlp::sgd_train (see csrc/schemas.h for the schema) and returns the sizes.
 // Parameters are updated in place, so they must be float32 and contiguous; the read-only tensors may be strided
-// (the caller takes expect_contiguous() views, which copy only when needed).
+// (the caller takes expect_contiguous() views, which copy only when needed). Over 80 lines: one flat list of
+// independent checks, in the order of the schema's arguments, each naming its argument.
 inline SgdTrainShape check_sgd_train_args(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1,
                                           const at::Tensor& W2, const at::Tensor& b2, const at::Tensor& X,
                                           const at::Tensor& Y, const at::Tensor& lrs,

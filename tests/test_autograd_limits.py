@@ -23,7 +23,7 @@ from utils import assert_close
 
 REDUCTIONS = ["none", "mean", "sum"]
 DTYPES = [torch.float32, torch.float64]
-REFERENCE = ' (or CharMLP(impl="reference"))'
+REFERENCE = ' (or CharMLP(kernels="reference"))'
 INSTEAD = {
     "cross_entropy": "torch.nn.functional.cross_entropy" + REFERENCE,
     "linear_cross_entropy": "charmlp_fast.ops.cross_entropy or torch.nn.functional.cross_entropy on "

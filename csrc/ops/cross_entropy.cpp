@@ -104,7 +104,7 @@ const c10::TypedOperatorHandle<BackwardFn>& backward_op() {
 }
 
 constexpr AutogradLimits kLimits{"charmlp::cross_entropy",
-                                 "torch.nn.functional.cross_entropy (or CharMLP(impl=\"reference\"))"};
+                                 "torch.nn.functional.cross_entropy (or CharMLP(kernels=\"reference\"))"};
 
 // grad_logits = g_i * w_i * (softmax(logits) - onehot(targets)) from differentiable ATen ops, for a backward with
 // create_graph=True: the fused backward op has no derivative. w_i = 0 for ignored rows, else 1 (sum) or 1 / the

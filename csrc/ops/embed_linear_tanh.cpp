@@ -515,7 +515,7 @@ const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
 }
 
 constexpr AutogradLimits kLimits{"charmlp::embed_linear_tanh",
-                                 "torch.tanh(C[idx].flatten(1) @ W1 + b1) (or CharMLP(impl=\"reference\"))"};
+                                 "torch.tanh(C[idx].flatten(1) @ W1 + b1) (or CharMLP(kernels=\"reference\"))"};
 
 // The plain reference above from differentiable ATen ops, for a backward with create_graph=True: the fused
 // backward op has no derivative. h is the saved output, so its own derivative runs through this op's node again

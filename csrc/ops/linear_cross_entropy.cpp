@@ -245,7 +245,7 @@ Route choose_route(const at::Tensor& h, const at::Tensor& W2, int64_t reduction)
 constexpr AutogradLimits kLimits{
     "charmlp::linear_cross_entropy",
     "charmlp_fast.ops.cross_entropy or torch.nn.functional.cross_entropy on torch.addmm(b2, h, W2) "
-    "(or CharMLP(impl=\"reference\"))"};
+    "(or CharMLP(kernels=\"reference\"))"};
 
 class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
  public:

@@ -43,6 +43,8 @@ struct IntOfSize<double> {
 };
 
 // W-byte vectors of T (V) and the matching integer vectors (I: comparisons return all-ones / all-zeros lanes).
+// Arguments are taken by reference: GCC notes that passing a 64-byte vector by value "changes the ABI" even for a
+// function that is always inlined.
 template <typename T, int W>
 struct Vec {
   typedef T V __attribute__((vector_size(W)));
@@ -55,7 +57,7 @@ struct Vec {
     std::memcpy(&v, p, sizeof(v));
     return v;
   }
-  static CHARMLP_CPU_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+  static CHARMLP_CPU_INLINE void store(T* p, const V& v) { std::memcpy(p, &v, sizeof(v)); }
   // s in every lane. Written s - 0, not 0 + s: the compiler may drop "- 0" (exact for every s) but not "+ 0" (it
   // turns -0 into +0), and a leftover scalar add before each broadcast costs the broadcast products of the
   // sgd_train loop a third of their speed (no FMA with an embedded broadcast).
@@ -65,20 +67,20 @@ struct Vec {
     for (int k = 0; k < N; ++k) v[k] = k;
     return v;
   }
-  static CHARMLP_CPU_INLINE V fma(V a, V b, V c) { return a * b + c; }  // fused where the ISA has FMA (see top)
+  static CHARMLP_CPU_INLINE V fma(const V& a, const V& b, const V& c) { return a * b + c; }  // fused where the ISA has FMA (see top)
   // mask ? a : b, lane by lane
-  static CHARMLP_CPU_INLINE V select(I mask, V a, V b) {
+  static CHARMLP_CPU_INLINE V select(const I& mask, const V& a, const V& b) {
     return reinterpret_cast<V>((mask & reinterpret_cast<I>(a)) | (~mask & reinterpret_cast<I>(b)));
   }
   // b where it is below (above) a, else a: a NaN in a stays, a NaN in b is ignored
-  static CHARMLP_CPU_INLINE V min(V a, V b) { return select(b < a, b, a); }
-  static CHARMLP_CPU_INLINE V max(V a, V b) { return select(b > a, b, a); }
-  static CHARMLP_CPU_INLINE T hmax(V v) {
+  static CHARMLP_CPU_INLINE V min(const V& a, const V& b) { return select(b < a, b, a); }
+  static CHARMLP_CPU_INLINE V max(const V& a, const V& b) { return select(b > a, b, a); }
+  static CHARMLP_CPU_INLINE T hmax(const V& v) {
     T m = v[0];
     for (int k = 1; k < N; ++k) m = v[k] > m ? v[k] : m;
     return m;
   }
-  static CHARMLP_CPU_INLINE T hsum(V v) {
+  static CHARMLP_CPU_INLINE T hsum(const V& v) {
     T s = v[0];
     for (int k = 1; k < N; ++k) s += v[k];
     return s;
@@ -86,7 +88,8 @@ struct Vec {
 
   // exp(x), for x <= 88 (float) / 709 (double); 0 below the smallest normal number. There is no overflow clamp:
   // the callers' arguments are x - max <= 0, x - lse (above 0 by rounding at most), or tanh's 2|x| <= 20.
-  static CHARMLP_CPU_INLINE V exp(V x) {
+  static CHARMLP_CPU_INLINE V exp(const V& arg) {
+    V x = arg;
     if constexpr (std::is_same_v<T, float>) {
       const I underflow = x < -87.3365447505531f;  // exp(x) < FLT_MIN: 0
       x = select(underflow, V{}, x);
@@ -128,7 +131,7 @@ struct Vec {
   // tanh(x). float: Cephes' tanhf, an odd polynomial below |x| = 0.625 (relative error ~1.3e-7 on [-2, 2]),
   // 1 - 2 / (exp(2|x|) + 1) above, with |x| clamped to 10 (tanh rounds to exactly 1 in float from |x| = 9.01 on);
   // NaN stays NaN. double: accuracy first (float64 exists for gradcheck and references), libm per lane.
-  static CHARMLP_CPU_INLINE V tanh(V x) {
+  static CHARMLP_CPU_INLINE V tanh(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       const V ax = select(x < 0.0f, -x, x);
       const V z = x * x;
@@ -143,8 +146,9 @@ struct Vec {
       const V big = select(x < 0.0f, -big_abs, big_abs);
       return select(x != x, x, select(ax < 0.625f, small, big));
     } else {
-      for (int k = 0; k < N; ++k) x[k] = std::tanh(x[k]);
-      return x;
+      V y;
+      for (int k = 0; k < N; ++k) y[k] = std::tanh(x[k]);
+      return y;
     }
   }
 };

@@ -406,6 +406,39 @@ at::Tensor embed_linear_tanh_cpu(const at::Tensor& idx, const at::Tensor& C, con
   return h;
 }
 
+// grad_W1 (K, H) and grad_b1 (H) = the sums, in chunk order, of the n_chunks partials (K + 1, Hp) (grad_W1's rows,
+// then grad_b1's), without the column padding.
+template <typename scalar_t>
+void sum_partials(const scalar_t* partials, int64_t n_chunks, int64_t K, int64_t H, int64_t Hp, scalar_t* grad_W1,
+                  scalar_t* grad_b1) {
+  const int64_t part_size = (K + 1) * Hp;
+  for (int64_t k = 0; k <= K; ++k) {
+    scalar_t* out = k < K ? grad_W1 + k * H : grad_b1;
+    std::memcpy(out, partials + k * Hp, H * sizeof(scalar_t));
+    for (int64_t c = 1; c < n_chunks; ++c) {
+      const scalar_t* part = partials + c * part_size + k * Hp;
+      for (int64_t n = 0; n < H; ++n) out[n] += part[n];
+    }
+  }
+}
+
+// grad_C[idx[b, t], e] += grad_emb[b, t*E + e] (grad_emb (B, Kp)). Threads own disjoint columns e and walk (b, t)
+// in order: no two threads touch one element, and each element sums in a fixed order.
+template <typename scalar_t, typename index_t>
+void scatter_grad_emb(const index_t* idx, const scalar_t* grad_emb, int64_t B, int64_t T, int64_t E, int64_t Kp,
+                      scalar_t* grad_C) {
+  const int64_t grain_e = B * T * E < kMinTaskWork ? E : 1;
+  at::parallel_for(0, E, grain_e, [&](int64_t e0, int64_t e1) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t* g = grad_emb + b * Kp + t * E;
+        scalar_t* dst = grad_C + int64_t(idx[b * T + t]) * E;  // in range: checked by the gather of the kernel
+        for (int64_t e = e0; e < e1; ++e) dst[e] += g[e];
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cpu(const at::Tensor& grad_h,
                                                                               const at::Tensor& h,
                                                                               const at::Tensor& idx,
@@ -462,33 +495,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cpu(co
                                            std::min(s.B, (c + 1) * rows_per_chunk));
         }
       });
-      // Sum the partials in chunk order and drop the column padding.
-      scalar_t* gW_p = grad_W1.mutable_data_ptr<scalar_t>();
-      scalar_t* gb_p = grad_b1.mutable_data_ptr<scalar_t>();
-      for (int64_t k = 0; k <= K; ++k) {
-        scalar_t* out = k < K ? gW_p + k * H : gb_p;
-        std::memcpy(out, part_p + k * Hp, H * sizeof(scalar_t));
-        for (int64_t c = 1; c < n_chunks; ++c) {
-          const scalar_t* part = part_p + c * part_size + k * Hp;
-          for (int64_t n = 0; n < H; ++n) out[n] += part[n];
-        }
-      }
-
-      // grad_C[idx[b, t], e] += grad_emb[b, t*E + e]. Threads own disjoint columns e and walk (b, t) in
-      // order: no two threads touch one element, and each element sums in a fixed order.
-      const index_t* idx_p = pb.idx;
-      const scalar_t* gE_p = grad_emb.get();
-      scalar_t* gC_p = grad_C.mutable_data_ptr<scalar_t>();
-      const int64_t grain_e = s.B * K < kMinTaskWork ? E : 1;
-      at::parallel_for(0, E, grain_e, [&](int64_t e0, int64_t e1) {
-        for (int64_t b = 0; b < s.B; ++b) {
-          for (int64_t t = 0; t < T; ++t) {
-            const scalar_t* g = gE_p + b * Kp + t * E;
-            scalar_t* dst = gC_p + int64_t(idx_p[b * T + t]) * E;  // in range: checked by the gather above
-            for (int64_t e = e0; e < e1; ++e) dst[e] += g[e];
-          }
-        }
-      });
+      sum_partials(part_p, n_chunks, K, H, Hp, grad_W1.mutable_data_ptr<scalar_t>(),
+                   grad_b1.mutable_data_ptr<scalar_t>());
+      scatter_grad_emb(pb.idx, grad_emb.get(), s.B, T, E, Kp, grad_C.mutable_data_ptr<scalar_t>());
     });
   });
   return {grad_C, grad_W1, grad_b1};

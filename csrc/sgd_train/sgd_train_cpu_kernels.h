@@ -284,7 +284,7 @@ struct Kernels {
     maybe_parallel((rows + kBcastRows - 1) / kBcastRows, rows * B * Hp, [&](int64_t lo, int64_t hi)
                                                                            CHARMLP_CPU_INLINE_LAMBDA {
       gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, rows), B, At, B, G, Hp, Hp,
-                 [&](int64_t r, int64_t c, vf s) CHARMLP_CPU_INLINE_LAMBDA {
+                 [&](int64_t r, int64_t c, const vf& s) CHARMLP_CPU_INLINE_LAMBDA {
                    float* p = Wt + r * Hp + c;
                    S::store(p, S::fma(neg_lr, s, S::load(p)));
                  });
@@ -310,7 +310,7 @@ struct SimdProducts {
       for (int64_t k = 0; k < TE; ++k) ws.xT[k * B + b] = ws.x[b * TE + k];  // for update_W1
     K::maybe_parallel((B + MR - 1) / MR, B * TE * Hp, [&](int64_t lo, int64_t hi) CHARMLP_CPU_INLINE_LAMBDA {
       K::gemm_bcast(lo * MR, std::min(hi * MR, B), TE, ws.x, TE, ws.W1p, Hp, Hp,
-                    [&](int64_t r, int64_t c, vf s) CHARMLP_CPU_INLINE_LAMBDA {
+                    [&](int64_t r, int64_t c, const vf& s) CHARMLP_CPU_INLINE_LAMBDA {
                       S::store(ws.h + r * Hp + c, S::tanh(s + S::load(ws.b1p + c)));
                     });
     });
@@ -326,7 +326,7 @@ struct SimdProducts {
     const int64_t B = ws.B, Hp = ws.Hp;
     K::maybe_parallel((B + MR - 1) / MR, B * ws.V * Hp, [&](int64_t lo, int64_t hi) CHARMLP_CPU_INLINE_LAMBDA {
       K::gemm_bcast(lo * MR, std::min(hi * MR, B), ws.V, ws.logit, ws.Vp, ws.W2T, Hp, Hp,
-                    [&](int64_t r, int64_t c, vf s) CHARMLP_CPU_INLINE_LAMBDA {
+                    [&](int64_t r, int64_t c, const vf& s) CHARMLP_CPU_INLINE_LAMBDA {
                       const vf hv = S::load(ws.h + r * Hp + c);
                       S::store(ws.g + r * Hp + c, s * (1.0f - hv * hv));
                     });

@@ -1,4 +1,4 @@
-"""The emulated CUDA device of the tests: charmlp's CUDA kernels (csrc/*.cu) built for the CPU on the emulator
+"""The emulated CUDA device of the tests: charmlp's CUDA kernels (csrc/**/*.cu) built for the CPU on the emulator
 (charmlp_fast._C_emu, csrc/emulation/), reached through charmlp's own ops.
 
 Inside `emulated_cuda()`, every call of a `charmlp::` op that reaches a kernel runs the emulated CUDA kernel on the

@@ -226,7 +226,7 @@ def test_first_step_loss_equals_the_per_op_loss(device, gemm, V, T, E, H, B, cas
     as log1p(sum_{j != t} exp(x_j - x_t)) keeps its digits there, max + log(sum) - x_t rounds it to 0 or ~2e-6."""
     monkeypatch.setenv("CHARMLP_CPU_GEMM", gemm)
     if runs_cuda_kernels(device):
-        reason, _ = device_train.cuda_plan(V, T, E, H, B)
+        reason, _ = ops.cuda_plan(V, T, E, H, B)
         if reason:
             pytest.skip(reason)
     X, Y = make_data(V, T, 500, seed=V + H)
@@ -239,8 +239,8 @@ def test_first_step_loss_equals_the_per_op_loss(device, gemm, V, T, E, H, B, cas
     if case == "target_dominates":
         assert 1e-9 < truth < 1e-6, truth
     dev_params = [p.to(device, copy=True) for p in params]
-    losses = device_train.sgd_train(dev_params, X.to(device), Y.to(device), torch.tensor([0.1]).to(device),
-                                    batch_idx=rows.to(device), batch_size=B, loss_every=1)
+    losses = ops.sgd_train(dev_params, X.to(device), Y.to(device), torch.tensor([0.1]).to(device),
+                           batch_idx=rows.to(device), batch_size=B, loss_every=1)
     loss = losses[0, 0].cpu()
     assert_close(loss.double(), truth, rtol=1e-5, name="first-step loss against float64")
     assert_close(loss, per_op, rtol=1e-5, name="first-step loss against the per-op path")

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 // a * b + c becomes one FMA where the clone's instruction set has FMA (AVX2, AVX-512): ~30% fewer instructions
 // per exp and no less accurate. fma() below is written so, and the exp and tanh rely on it.
@@ -58,10 +59,18 @@ struct Vec {
     return v;
   }
   static CHARMLP_CPU_INLINE void store(T* p, const V& v) { std::memcpy(p, &v, sizeof(v)); }
-  // s in every lane. Written s - 0, not 0 + s: the compiler may drop "- 0" (exact for every s) but not "+ 0" (it
-  // turns -0 into +0), and a leftover scalar add before each broadcast costs the broadcast products of the
-  // sgd_train loop a third of their speed (no FMA with an embedded broadcast).
-  static CHARMLP_CPU_INLINE V set1(T s) { return s - V{}; }
+  // s in every lane: one broadcast instruction, through a shuffle. `s - V{}` or a loop over the lanes, inlined
+  // into an ISA clone, GCC builds lane by lane (N inserts where one broadcast does), which made the broadcast
+  // products of the sgd_train loop ~1.6x slower.
+  static CHARMLP_CPU_INLINE V set1(T s) {
+    V v{};
+    v[0] = s;
+    return splat(v, std::make_index_sequence<N>{});
+  }
+  template <size_t... k>
+  static CHARMLP_CPU_INLINE V splat(const V& v, std::index_sequence<k...>) {  // lane 0 in every lane
+    return __builtin_shufflevector(v, v, (k * 0)...);
+  }
   static CHARMLP_CPU_INLINE I iota() {  // lane indices 0, 1, ..., N - 1
     I v;
     for (int k = 0; k < N; ++k) v[k] = k;

@@ -1,4 +1,4 @@
-// charmlp_fast._C_emu, a test-only module: the CUDA kernels of csrc/*.cu compiled with the host compiler on the
+// charmlp_fast._C_emu, a test-only module: the CUDA kernels of csrc/**/*.cu compiled with the host compiler on the
 // emulator (cuda_emu.h), registered for CPU tensors in the library `charmlp_emu`, which has charmlp's schemas.
 // tests/emulated_cuda.py routes charmlp's ops to it, so that the CUDA tests run, unchanged, on the CPU.
 // The module is built -fvisibility=hidden, so that its copies of the kernels and helpers never bind to _C's.

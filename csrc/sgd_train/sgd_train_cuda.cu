@@ -33,7 +33,7 @@
 //
 // Sizes: whatever fits the plan of csrc/sgd_train/sgd_train.h (plan_persistent): parameters + activations of one block in
 // the device's opt-in shared memory (227 KB on H100). Larger models (batch * hidden grows fastest) get a
-// readable error; the trainer then uses the CUDA-graph stepper (charmlp_fast/device_train.py).
+// readable error; the trainer then uses the CUDA-graph stepper (charmlp_fast/steppers/graph.py).
 // Tested on the CPU emulator (csrc/cuda/cuda_utils.cuh): every cluster size, distributed shared memory and the
 // cp.async prefetch, against the CPU loop; only a GPU shows the timing, whether clusters are scheduled on a busy
 // or partitioned device, and the register budget at run time (ptxas's view: benchmarks/kernel_resources.py).
@@ -612,7 +612,8 @@ at::Tensor sgd_train_cuda(const at::Tensor& C, const at::Tensor& W1, const at::T
   };
   const PersistentPlan plan = plan_for(cluster_size);
   TORCH_CHECK(plan.ok, "sgd_train: ", plan.reason,
-              ". Train this size with the CUDA-graph stepper (charmlp_fast.device_train.GraphStepper) instead.");
+              ". Train this size with the CUDA-graph stepper (charmlp_fast.steppers.GraphStepper, --impl graph) "
+              "instead.");
   TORCH_CHECK(s.M * plan.layout.cluster <= std::numeric_limits<int32_t>::max(), "sgd_train: too many models (", s.M,
               ") for one launch");
 

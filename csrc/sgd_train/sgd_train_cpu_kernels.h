@@ -219,16 +219,16 @@ struct Kernels {
             const vf b0 = S::load(bp), b1 = S::load(bp + W);
 #pragma GCC unroll 8
             for (int i = 0; i < MR; ++i) {
-              const vf ai = S::set1(a[i][k]);
-              acc[i][0] = S::fma(ai, b0, acc[i][0]);
-              acc[i][1] = S::fma(ai, b1, acc[i][1]);
+              const float ai = a[i][k];
+              acc[i][0] = S::fma(b0, ai, acc[i][0]);
+              acc[i][1] = S::fma(b1, ai, acc[i][1]);
             }
           }
         } else {
           for (int64_t k = 0; k < K; ++k, bp += ldb) {
             const vf b0 = S::load(bp);
 #pragma GCC unroll 8
-            for (int i = 0; i < MR; ++i) acc[i][0] = S::fma(S::set1(a[i][k]), b0, acc[i][0]);
+            for (int i = 0; i < MR; ++i) acc[i][0] = S::fma(b0, a[i][k], acc[i][0]);
           }
         }
         for (int i = 0; i < MR && r0 + i < r_end; ++i) {

@@ -1,6 +1,6 @@
 """charmlp::cross_entropy against F.cross_entropy in float64: forward, gradient, extremes, errors, opcheck, compile.
 
-Tolerances (the issue's): float64 <= 1e-10; float32 <= 1e-5 relative, or, where float32 cannot do better, no worse
+Tolerances: float64 <= 1e-10; float32 <= 1e-5 relative, or, where float32 cannot do better, no worse
 than twice plain PyTorch's own float32 error against the float64 truth. Errors are norm-wise: max |a - e| / max |e|.
 """
 from __future__ import annotations

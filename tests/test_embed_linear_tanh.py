@@ -28,7 +28,7 @@ if not ops.HAS_EXTENSION:  # pragma: no cover
 elt = torch.ops.charmlp.embed_linear_tanh.default
 elt_backward = torch.ops.charmlp.embed_linear_tanh_backward.default
 
-# (B, T, E, H, V): the seed's size, sizes at each end of every range of the issue (B 1..4096, T 1..8,
+# (B, T, E, H, V): the seed's size, sizes at each end of every supported range (B 1..4096, T 1..8,
 # E 1..64, H 1..512, V 2..50,000), and odd sizes that are no multiple of a tile (CUDA 16/32/64), a vector
 # (CPU 16 floats / 8 doubles), a 6-row register block or a 64-row block. B > 2048 splits the CPU backward
 # into several reduction chunks.

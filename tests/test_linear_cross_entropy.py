@@ -2,7 +2,7 @@
 backward routes (gradients precomputed by the forward for mean/sum, logits recomputed for none), extremes, errors,
 opcheck, torch.compile, and (CUDA) peak memory far below the (B, V) logits.
 
-Tolerances (the issue's): float64 <= 1e-10; float32 <= 1e-5 relative, or no worse than twice plain PyTorch's own
+Tolerances: float64 <= 1e-10; float32 <= 1e-5 relative, or no worse than twice plain PyTorch's own
 float32 error against the float64 truth. Errors are norm-wise: max |a - e| / max |e|.
 """
 from __future__ import annotations

@@ -39,7 +39,7 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def check_against_truth(name: str, actual: torch.Tensor, truth: torch.Tensor, torch_same_dtype: torch.Tensor | None,
                         dtype: torch.dtype) -> None:
-    """The issue's tolerance against a float64 truth: float64 <= 1e-10; float32 <= max(1e-5, 2 x PyTorch's own
+    """The tolerance against a float64 truth: float64 <= 1e-10; float32 <= max(1e-5, 2 x PyTorch's own
     float32 error); half types: 2 x PyTorch's own error or 2 ulp of the dtype, whichever is larger. NaNs must sit
     exactly where the truth has them."""
     assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
@@ -62,7 +62,7 @@ def check_against_truth(name: str, actual: torch.Tensor, truth: torch.Tensor, to
 
 
 def extreme_logits(B: int, V: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The issue's extreme cross-entropy inputs, float64 on the CPU, B >= 5: (x (B, V), targets, x2 (B, 2),
+    """The extreme cross-entropy inputs of the tests, float64 on the CPU, B >= 5: (x (B, V), targets, x2 (B, 2),
     targets2). x spreads over [-1e4, 1e4]; row 1 sits near +1e4 and row 2 near -1e4 (where a float32 lse would lose
     1e-3), row 3 is all equal, and in row 4 the target dominates by 20. x2 is a V = 2 problem over [-1e4, 1e4]."""
     x = (torch.rand(B, V, generator=g, dtype=torch.float64) * 2 - 1) * 1e4

@@ -2,8 +2,8 @@
 """Benchmark the fused charmlp ops against eager PyTorch and torch.compile, in one run.
 
 For every op and size: inference forward (under torch.no_grad), forward with the graph recorded, backward and
-forward+backward of the fused op, of the same computation in eager PyTorch, of that eager code under torch.compile, and of F.linear_cross_entropy where the installed torch
-has it. Also the whole model's forward+backward at the seed's size: the seed's plain-PyTorch model
+forward+backward of the fused op, of the same computation in eager PyTorch, of that eager code under
+torch.compile, and of F.linear_cross_entropy where the installed torch has it. Also the whole model's forward+backward at the seed's size: the seed's plain-PyTorch model
 (charmlp_fast.reference) against embed_linear_tanh + linear_cross_entropy through autograd.
 
 Timing: CUDA events on the GPU (the device is idle when the start event is recorded, so host-side launch

@@ -64,8 +64,9 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, "Checkpoint | None"]:
-    """The config to train with (cfg and given as train.parse_args returns them), and the checkpoint of a resumed run (None for a fresh one): for --resume, the
-    checkpoint's config with the flags a resumed run may change; a conflicting flag is an error."""
+    """The config to train with (cfg and given as train.parse_args returns them), and the checkpoint of a resumed
+    run (None for a fresh one): for --resume, the checkpoint's config with the flags a resumed run may change; a
+    conflicting flag is an error."""
     from charmlp_fast.checkpoint import load_checkpoint
 
     if not cfg.resume:

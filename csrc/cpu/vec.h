@@ -76,7 +76,8 @@ struct Vec {
     for (int k = 0; k < N; ++k) v[k] = k;
     return v;
   }
-  static CHARMLP_CPU_INLINE V fma(const V& a, const V& b, const V& c) { return a * b + c; }  // fused where the ISA has FMA (see top)
+  // a * b + c, fused where the ISA has FMA (see top)
+  static CHARMLP_CPU_INLINE V fma(const V& a, const V& b, const V& c) { return a * b + c; }
   // b * s + c, s in every lane: the broadcast products' inner step. Written with the scalar, not set1(s): GCC then
   // loads s with one broadcast straight from memory into the FMA, where a vector built first costs 2-3 more
   // instructions in the loop that dominates the sgd_train step.

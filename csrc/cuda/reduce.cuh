@@ -2,9 +2,9 @@
 // of online log-sum-exp states (common/softmax_ce.h) -- over groups of kWidth consecutive lanes
 // (a power of two <= 32: several rows per warp when rows are short).
 //
-// All three are xor butterflies: every lane of the group ends with the result, and with the same bits in every lane
-// (each step combines the same two operands in both lanes of a pair, and + and lse_combine commute), which the kernels rely on
-// when each lane goes on to use its own copy. Lane 0's result also equals a shfl_down tree's bit for bit (the same
+// Both are xor butterflies: every lane of the group ends with the result, and with the same bits in every lane
+// (each step combines the same two operands in both lanes of a pair, and + and lse_combine commute), which the
+// kernels rely on when each lane goes on to use its own copy. Lane 0's result also equals a shfl_down tree's bit for bit (the same
 // pairs are added in the same order), so the one-block reductions over B keep their summation order.
 #pragma once
 
@@ -28,8 +28,8 @@ __device__ __forceinline__ OnlineLse<acc_t> warp_lse(OnlineLse<acc_t> v) {
   static_assert(kWidth >= 1 && kWidth <= 32 && (kWidth & (kWidth - 1)) == 0, "kWidth: a power of two <= 32");
 #pragma unroll
   for (int off = kWidth / 2; off > 0; off /= 2) {
-    const OnlineLse<acc_t> o{__shfl_xor_sync(kFullMask, v.m, off, kWidth), __shfl_xor_sync(kFullMask, v.s, off, kWidth)};
-    v = lse_combine(v, o);
+    const acc_t m = __shfl_xor_sync(kFullMask, v.m, off, kWidth), s = __shfl_xor_sync(kFullMask, v.s, off, kWidth);
+    v = lse_combine(v, OnlineLse<acc_t>{m, s});
   }
   return v;
 }

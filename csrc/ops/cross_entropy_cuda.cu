@@ -118,31 +118,37 @@ __device__ __forceinline__ void group_sync() {
   }
 }
 
-// Combines the per-thread states of a row; every thread of the group gets the result. smem: kWarps slots.
-template <int kTPR, typename acc_t>
-__device__ __forceinline__ OnlineLse<acc_t> group_reduce(OnlineLse<acc_t> v, OnlineLse<acc_t>* smem) {
-  v = cuda::warp_lse<kTPR < 32 ? kTPR : 32>(v);
-  if constexpr (kTPR > 32) {
-    if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
-    __syncthreads();
-    v = smem[0];
-#pragma unroll
-    for (int w = 1; w < RowLaunch<kTPR>::kWarps; ++w) v = lse_combine(v, smem[w]);
-    __syncthreads();  // the slots are free again
-  }
-  return v;
+// The two reductions of a row, a sum and the combination of online log-sum-exp states, as one pair of overloads
+// so that group_reduce is written once: combine two values, and combine over the lanes of a warp.
+template <typename acc_t>
+__device__ __forceinline__ acc_t combine(acc_t a, acc_t b) {
+  return a + b;
+}
+template <typename acc_t>
+__device__ __forceinline__ OnlineLse<acc_t> combine(OnlineLse<acc_t> a, OnlineLse<acc_t> b) {
+  return lse_combine(a, b);
+}
+template <int kWidth, typename acc_t>
+__device__ __forceinline__ acc_t warp_combine(acc_t v) {
+  return cuda::warp_sum<kWidth>(v);
+}
+template <int kWidth, typename acc_t>
+__device__ __forceinline__ OnlineLse<acc_t> warp_combine(OnlineLse<acc_t> v) {
+  return cuda::warp_lse<kWidth>(v);
 }
 
-template <int kTPR, typename acc_t>
-__device__ __forceinline__ acc_t group_sum(acc_t v, acc_t* smem) {
-  v = cuda::warp_sum<kTPR < 32 ? kTPR : 32>(v);
+// Combines the per-thread values of a row (a sum or lse states); every thread of the group gets the result.
+// smem: kWarps slots.
+template <int kTPR, typename T>
+__device__ __forceinline__ T group_reduce(T v, T* smem) {
+  v = warp_combine<kTPR < 32 ? kTPR : 32>(v);
   if constexpr (kTPR > 32) {
     if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
     __syncthreads();
     v = smem[0];
 #pragma unroll
-    for (int w = 1; w < RowLaunch<kTPR>::kWarps; ++w) v += smem[w];
-    __syncthreads();
+    for (int w = 1; w < RowLaunch<kTPR>::kWarps; ++w) v = combine(v, smem[w]);
+    __syncthreads();  // the slots are free again
   }
   return v;
 }
@@ -165,7 +171,7 @@ __device__ __forceinline__ void row_grad(const scalar_t* in, scalar_t* out, int6
   } else if (active) {
     for (int64_t j = lane; j < V; j += kTPR) out[j] = scalar_t(0);
   }
-  sum = group_sum<kTPR>(sum, smem);
+  sum = group_reduce<kTPR>(sum, smem);
   group_sync<kTPR>();  // the lane that wrote out[t] above is ordered before the final write
   if (counted && lane == 0) out[t] = static_cast<scalar_t>(target_grad(sum, g));
 }
@@ -287,7 +293,8 @@ void launch_rows_forward(const at::Tensor& logits, const at::Tensor& targets, in
         // The kernel writes the logits only with write_grad (linear_cross_entropy's own chunk buffer).
         scalar_t* x = write_grad ? logits.mutable_data_ptr<scalar_t>()
                                  : const_cast<scalar_t*>(logits.const_data_ptr<scalar_t>());
-        cuda::launch(cross_entropy_forward_kernel<scalar_t, index_t, kTPR>, row_blocks(B, RowLaunch<kTPR>::kRows), RowLaunch<kTPR>::kThreads, 0, stream,
+        constexpr auto kernel = cross_entropy_forward_kernel<scalar_t, index_t, kTPR>;
+        cuda::launch(kernel, row_blocks(B, RowLaunch<kTPR>::kRows), RowLaunch<kTPR>::kThreads, 0, stream,
                 x, targets.const_data_ptr<index_t>(), B, V, ignore_index, row_losses.mutable_data_ptr<acc_t>(),
                 lse.mutable_data_ptr<double>(), write_grad,
                 n_valid.defined() ? n_valid.const_data_ptr<int64_t>() : nullptr, reduction);
@@ -317,7 +324,8 @@ void cross_entropy_rows_backward_cuda(const at::Tensor& logits, const at::Tensor
     AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "cross_entropy_backward_cuda", [&] {
       dispatch_threads_per_row(V, [&](auto tpr) {
         constexpr int kTPR = decltype(tpr)::value;
-        cuda::launch(cross_entropy_backward_kernel<scalar_t, index_t, kTPR>, row_blocks(B, RowLaunch<kTPR>::kRows), RowLaunch<kTPR>::kThreads, 0, stream,
+        constexpr auto kernel = cross_entropy_backward_kernel<scalar_t, index_t, kTPR>;
+        cuda::launch(kernel, row_blocks(B, RowLaunch<kTPR>::kRows), RowLaunch<kTPR>::kThreads, 0, stream,
                 logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<index_t>(), lse.const_data_ptr<double>(),
                 grad_loss.const_data_ptr<scalar_t>(), grad_stride,
                 n_valid.defined() ? n_valid.const_data_ptr<int64_t>() : nullptr, reduction, B, V, ignore_index,

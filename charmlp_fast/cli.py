@@ -76,6 +76,23 @@ def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: li
     sys.exit(code or 0)
 
 
+def flag_of(parser: argparse.ArgumentParser, dest: str) -> argparse.Action | None:
+    """The flag of parser that sets `dest` (e.g. n_hidden -> --n-hidden), None when it has none."""
+    return next((a for a in parser._actions if a.dest == dest and a.option_strings), None)
+
+
+def check_flag_value(action: argparse.Action, text: str, where: str):
+    """text through the flag's type and choices, as parsing the flag would: the value, or a CLIError that starts
+    with `where`."""
+    try:
+        value = action.type(text) if action.type else text
+    except argparse.ArgumentTypeError as e:
+        raise CLIError(f"{where}: {e}") from None
+    if action.choices is not None and value not in action.choices:
+        raise CLIError(f"{where}: expected one of {', '.join(map(str, action.choices))}, got {text!r}")
+    return value
+
+
 def _int_in_range(low: int, what: str, high: int | None = None):
     """An argparse type: an integer in [low, high)."""
     def parse(text: str) -> int:

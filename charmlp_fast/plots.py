@@ -115,3 +115,26 @@ def plot_embedding(path: str | Path, C: torch.Tensor, vocab: Vocab, word_labels:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_png(fig, path)
+
+
+def plot_sweep(path: str | Path, records: list[dict], swept: list[str]) -> None:
+    """A sweep's dev loss against each swept field, one panel per field: every config as a dot over its value,
+    the best config of each value joined by a line (what the field buys when the others are at their best)."""
+    plt = _pyplot()
+    ok = [r for r in records if r["status"] == "ok" and r["dev_loss"] is not None]
+    fig, axes = plt.subplots(1, len(swept), figsize=(3.2 * len(swept) + 0.8, 3.4), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], swept):
+        values = sorted({r["config"][name] for r in records}, key=lambda v: (isinstance(v, str), v))
+        position = {v: i for i, v in enumerate(values)}
+        ax.scatter([position[r["config"][name]] for r in ok], [r["dev_loss"] for r in ok], s=14, alpha=0.6)
+        best = [min((r["dev_loss"] for r in ok if r["config"][name] == v), default=None) for v in values]
+        ax.plot([i for i, b in enumerate(best) if b is not None], [b for b in best if b is not None], "k-",
+                lw=1, label="best")
+        ax.set_xticks(range(len(values)), [f"{v:g}" if isinstance(v, float) else str(v) for v in values])
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev loss")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{len(ok)} of {len(records)} configs trained", fontsize=10)
+    fig.tight_layout()
+    save_png(fig, path)

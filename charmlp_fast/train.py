@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from charmlp_fast.cli import (ArgumentParser, CLIError, check_out_dir, intra_op_threads, lock_out_dir,
-                              non_negative_int, positive_float, positive_int, quiet_interrupts, resolve_device,
-                              run_main, threads_for)
+from charmlp_fast.cli import (ArgumentParser, CLIError, check_flag_value, check_out_dir, flag_of, intra_op_threads,
+                              lock_out_dir, non_negative_int, positive_float, positive_int, quiet_interrupts,
+                              resolve_device, run_main, threads_for)
 
 if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
     quiet_interrupts()
@@ -56,6 +56,20 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m charmlp_fast.train", description=__doc__.split("\n\n")[0],
                        argument_default=argparse.SUPPRESS)  # absent flags stay absent: resume can tell them apart
     add_model_data_arguments(p)
+    add_training_arguments(p)
+    p.add_argument("--eval-every", type=non_negative_int,
+                   help="evaluate the dev loss and write a checkpoint every N steps (default: only at the end)")
+    p.add_argument("--out", help=f"output directory (default {d.out})")
+    p.add_argument("--num-samples", type=non_negative_int, help=f"names to sample at the end (default {d.num_samples})")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write loss.png / embedding.png")
+    p.add_argument("--resume", help="continue from this checkpoint: same model, data and schedule; "
+                                    "--steps sets the new total")
+    return p
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The schedule, the step implementation and the loss read-backs: the flags train and sweep share."""
+    d = TrainConfig()
     p.add_argument("--steps", type=positive_int, help=f"total SGD steps (default {d.steps:,})")
     p.add_argument("--lr", type=positive_float, help=f"learning rate before --lr-decay-step (default {d.lr})")
     p.add_argument("--lr-decay-step", type=non_negative_int,
@@ -65,16 +79,8 @@ def build_parser() -> ArgumentParser:
                    help="reference: plain PyTorch, the seed's loop; fused: the charmlp ops in that loop; graph: the "
                         "fused step captured in CUDA graphs; persistent: many steps per kernel launch (C++ loop on "
                         "the CPU); auto (default): the fastest that fits the device and sizes")
-    p.add_argument("--eval-every", type=non_negative_int,
-                   help="evaluate the dev loss and write a checkpoint every N steps (default: only at the end)")
     p.add_argument("--log-every", type=positive_int,
                    help=f"steps between loss read-backs from the device (default {d.log_every:,})")
-    p.add_argument("--out", help=f"output directory (default {d.out})")
-    p.add_argument("--num-samples", type=non_negative_int, help=f"names to sample at the end (default {d.num_samples})")
-    p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write loss.png / embedding.png")
-    p.add_argument("--resume", help="continue from this checkpoint: same model, data and schedule; "
-                                    "--steps sets the new total")
-    return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
@@ -149,22 +155,23 @@ def chunk_stats(chunk: torch.Tensor, lrs: torch.Tensor, start: int, reference_lo
 
 
 def run_chunk(stepper, start: int, lrs: torch.Tensor, per_call: int) -> torch.Tensor:
-    """stepper.run over lrs in calls of at most per_call steps (see CALL_WORK); the losses stay on the
-    device. On CUDA the calls are asynchronous, so the host waits for each call to finish once the next one is
-    queued: the device never idles, and the host is never more than one call ahead of it (a second Ctrl-C then
-    lands within one call, not after the whole queued chunk)."""
-    if len(lrs) <= per_call:
+    """stepper.run over lrs (n,) — or (M, n) for a group of models — in calls of at most per_call steps (see
+    CALL_WORK); the losses stay on the device. On CUDA the calls are asynchronous, so the host waits for each call
+    to finish once the next one is queued: the device never idles, and the host is never more than one call ahead
+    of it (a second Ctrl-C then lands within one call, not after the whole queued chunk)."""
+    n = lrs.shape[-1]
+    if n <= per_call:
         return stepper.run(start, lrs)
     pieces, pending = [], None
-    for i in range(0, len(lrs), per_call):
-        pieces.append(stepper.run(start + i, lrs[i:i + per_call]))
+    for i in range(0, n, per_call):
+        pieces.append(stepper.run(start + i, lrs[..., i:i + per_call]))
         if pieces[-1].device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
             if pending is not None:
                 pending.synchronize()
             pending = done
-    return torch.cat(pieces)
+    return torch.cat(pieces, dim=-1)
 
 
 def steps_per_call(impl: str, work: int, graph_steps: int = 100) -> int:  # 100: GraphStepper's steps_per_graph
@@ -379,6 +386,11 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
         return TrainResult(run.step, None, finish(run, records, losses, first_step, wall))
 
 
+def device_name(device: torch.device) -> str:
+    """"cpu", or the GPU's name."""
+    return str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+
+
 def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step: int, wall: float) -> dict:
     """The end of a run whose checkpoint is written: final losses and samples, metrics.json and the plots."""
     cfg, corpus, device, model, out, step = run.cfg, run.corpus, run.device, run.model, run.out, run.step
@@ -404,7 +416,7 @@ def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step
         "steps_this_run": done,
         "wall_time_s": wall,
         "steps_per_s": done / wall,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": device_name(device),
         "impl": run.choice.impl,
         "threads": run.threads,
         "torch": torch.__version__,
@@ -424,6 +436,35 @@ def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step
     return metrics
 
 
+def config_from(config: TrainConfig | dict | None = None, **fields) -> TrainConfig:
+    """A TrainConfig from a TrainConfig or a dict of its fields, with keyword fields over it and the defaults for
+    the rest; every given value is checked as its flag checks it (a CLIError naming the field otherwise)."""
+    given = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
+    given.update(fields)
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise CLIError(f"{unknown[0]!r} is not a train setting (one of {', '.join(names)})")
+    parser = build_parser()
+    for name, value in given.items():
+        action = flag_of(parser, name)
+        if action is not None and value is not None and (action.type is not None or action.choices is not None):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise CLIError(f"{name}: expected a number or a string, got {value!r}")
+            given[name] = check_flag_value(action, str(value), name)
+    return dataclasses.replace(TrainConfig(), **given)
+
+
+def train_config(config: TrainConfig | dict | None = None, *, progress: bool = True, **fields) -> dict:
+    """The Python API, charmlp_fast.train(config): train per config (see config_from) and return the metrics
+    written to metrics.json (losses per split, steps, wall time, device, impl, config, samples). A resuming config
+    continues its checkpoint. Ctrl-C: KeyboardInterrupt once the checkpoint of where it stopped is written."""
+    result = train(config_from(config, **fields), progress=progress)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return result.metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, ckpt = resolve_config(*parse_args(argv))
     result = train(cfg, checkpoint=ckpt)
@@ -432,3 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     run_main("charmlp_fast.train", main)
+else:
+    import charmlp_fast
+
+    charmlp_fast.callable_module(__name__, train_config)

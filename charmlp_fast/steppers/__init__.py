@@ -8,6 +8,7 @@ select_stepper(impl, device, sizes), for the trainer, the learning-rate finder a
     graph       GraphStepper: the fused step, K steps per captured CUDA graph (CUDA, any size)      (graph.py)
     persistent  PersistentStepper: charmlp::sgd_train, all steps of a call in C++ on the CPU or in one
                 persistent kernel on CUDA (the sizes it fits)                                        (persistent.py)
+                PersistentGroupStepper: M models of one shape in each call (the sweep's groups)
 
     choice = select_stepper("auto", device, (V, T, E, H, B))     # or an explicit impl; StepperUnavailable if not
     model = CharMLP(V, T, E, H, kernels=choice.model_kernels).to(device)
@@ -32,10 +33,11 @@ from charmlp_fast.model import CharMLP
 from charmlp_fast.steppers.common import STEPPER_IMPLS, Sizes, unsupported_reason
 from charmlp_fast.steppers.eager import EagerStepper
 from charmlp_fast.steppers.graph import GraphStepper
-from charmlp_fast.steppers.persistent import PersistentStepper
+from charmlp_fast.steppers.persistent import PersistentGroupStepper, PersistentStepper
 
-__all__ = ["STEPPER_IMPLS", "EagerStepper", "GraphStepper", "PersistentStepper", "Stepper", "StepperChoice",
-           "StepperUnavailable", "lr_schedule", "select_stepper", "unsupported_reason"]
+__all__ = ["STEPPER_IMPLS", "EagerStepper", "GraphStepper", "PersistentGroupStepper", "PersistentStepper", "Stepper",
+           "StepperChoice", "StepperUnavailable", "lr_schedule", "model_kernels", "select_stepper",
+           "unsupported_reason"]
 
 
 class Stepper(Protocol):
@@ -97,5 +99,10 @@ def select_stepper(impl: str, device: torch.device | str, sizes: Sizes | None = 
         reason = unsupported_reason(impl, device, sizes, cluster_size)
         if reason is not None:
             raise StepperUnavailable(impl, reason)
-    fused = impl != "reference" and unsupported_reason("fused", device) is None
-    return StepperChoice(impl, "fused" if fused else "reference", cluster_size)
+    return StepperChoice(impl, model_kernels(impl, device), cluster_size)
+
+
+def model_kernels(impl: str, device: torch.device | str) -> str:
+    """The kernels of the model's own forward under stepper `impl` (see StepperChoice)."""
+    fused = impl != "reference" and unsupported_reason("fused", torch.device(device)) is None
+    return "fused" if fused else "reference"

@@ -102,13 +102,11 @@ def expand_ranges(name: str, text: str) -> list[str]:
     return values
 
 
-def grid_configs(base: TrainConfig, grid: dict[str, list], out: Path) -> list[TrainConfig]:
-    """Every combination of the grid's values over base, in the grid's order (the last field fastest); config i
-    trains into out/runs/iii, where --save all keeps its checkpoint."""
+def grid_configs(base: TrainConfig, grid: dict[str, list]) -> list[TrainConfig]:
+    """Every combination of the grid's values over base, in the grid's order (the last field fastest)."""
     names = list(grid)
     combos = itertools.product(*(grid[n] for n in names)) if names else [()]
-    return [dataclasses.replace(base, **dict(zip(names, values)), out=str(out / "runs" / f"{i:03d}"))
-            for i, values in enumerate(combos)]
+    return [dataclasses.replace(base, **dict(zip(names, values))) for values in combos]
 
 
 @dataclass
@@ -262,10 +260,12 @@ def train_group(run: GroupRun, device: torch.device, threads: int, bar, sigint: 
 
 def failed(run: GroupRun, error: Exception, device: torch.device) -> list[Trained]:
     """The records of a group whose training raised: every config of it failed, with the error's first line."""
-    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    lines = str(error).strip().splitlines()
+    message = f"{type(error).__name__}: {lines[0] if lines else ''}"
     return [Trained({"id": i, "config": dataclasses.asdict(c), "status": "failed", "error": message,
-                     "train_loss": None, "dev_loss": None, "steps": 0, "wall_s": 0.0, "models_in_call": len(run.configs),
-                     "device": trainer.device_name(device), "impl": run.choice.impl})
+                     "train_loss": None, "dev_loss": None, "steps": 0, "wall_s": 0.0,
+                     "models_in_call": len(run.configs), "device": trainer.device_name(device),
+                     "impl": run.choice.impl})
             for i, c in zip(run.group.members, run.configs)]
 
 
@@ -360,7 +360,8 @@ def train_groups(runs: list[GroupRun], device: torch.device, ranks: Ranks, save:
                         save_model(t, run.corpus, Path(t.record["config"]["out"]))
             done += trained
             keep_best_model(done)
-            bar.write(f"group {run.describe()}: {trained[0].record['wall_s']:.1f} s")
+            where = f"process {ranks.rank}: " if ranks.world > 1 else ""
+            bar.write(f"{where}group {run.describe()}: {trained[0].record['wall_s']:.1f} s")
             if on_group is not None:
                 on_group(done)
     return done, False
@@ -529,6 +530,8 @@ def sweep(configs: list, *, out: str | os.PathLike | None = None, save: str = "b
     configs = [trainer.config_from(c) for c in configs]
     if not configs:
         raise CLIError("a sweep needs at least one config")
+    if out is not None:  # config i's outputs are the sweep's: out/runs/iii (its checkpoint with save "all")
+        configs = [dataclasses.replace(c, out=str(Path(out) / "runs" / f"{i:03d}")) for i, c in enumerate(configs)]
     if save not in ("best", "all", "none") or (save == "all" and out is None):
         raise CLIError(f"save={save!r}: one of best, all (with an output directory) or none")
     ranks = Ranks.from_env()
@@ -635,7 +638,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[TrainConfig], dict]:
     if options["preset"]:
         grid = {**{k: v for k, v in PRESETS[options["preset"]].items() if k not in given}, **grid}
     base = dataclasses.replace(TrainConfig(), **given)
-    return grid_configs(base, grid, options["out"]), options
+    return grid_configs(base, grid), options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,14 +128,14 @@ def group_configs(configs: list[TrainConfig]) -> list[Group]:
 
 def shard(groups: list, cost, world: int) -> list[list]:
     """Groups over `world` ranks, deterministically: the costliest first, each to the least-loaded rank (the
-    lowest on ties)."""
-    ranks: list[list] = [[] for _ in range(world)]
+    lowest on ties); each rank's groups in their given order."""
+    parts: list[list[int]] = [[] for _ in range(world)]
     load = [0.0] * world
-    for g in sorted(groups, key=lambda g: -cost(g)):
+    for i in sorted(range(len(groups)), key=lambda i: -cost(groups[i])):
         r = min(range(world), key=lambda r: (load[r], r))
-        ranks[r].append(g)
-        load[r] += cost(g)
-    return ranks
+        parts[r].append(i)
+        load[r] += cost(groups[i])
+    return [[groups[i] for i in sorted(part)] for part in parts]
 
 
 

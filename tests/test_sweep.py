@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,8 +101,8 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path):
 def test_shards_are_deterministic_and_balanced():
     costs = [9, 1, 5, 5, 3, 8]
     # the costliest first, each to the least-loaded rank: 0 (9), 5 (8), 2 (5), 3 (5 -> rank 2 at 5), 4 (3 -> rank 1
-    # at 8), 1 (1 -> rank 0 at 9)
-    assert sweep_module.shard(list(range(6)), lambda g: costs[g], 3) == [[0, 1], [5, 4], [2, 3]]
+    # at 8), 1 (1 -> rank 0 at 9); each rank's in their given order
+    assert sweep_module.shard(list(range(6)), lambda g: costs[g], 3) == [[0, 1], [4, 5], [2, 3]]
     assert sweep_module.shard(list(range(3)), lambda g: 1, 1) == [[0, 1, 2]]
 
 
@@ -181,6 +182,29 @@ def test_a_group_that_raises_fails_alone(tmp_path, words_file, monkeypatch):
     assert records[1]["error"] == "RuntimeError: out of memory on the device"
     assert records[0]["status"] == "ok" and "test_loss" in records[0]
     assert [r["status"] for r in read_jsonl(tmp_path / "sw" / "results.jsonl")] == ["ok", "failed"]
+
+
+def test_ctrl_c_keeps_the_groups_that_finished(tmp_path, words_file):
+    """SIGINT while the second group trains: exit 130, and results.jsonl holds the first group's configs."""
+    out = tmp_path / "sw"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "charmlp_fast.sweep", "--data", str(words_file), "--grid",
+                             "steps=200,2000000", "--grid", "seed=1:2", "--n-embd", "4", "--n-hidden", "16",
+                             "--batch-size", "8", "--device", "cpu", "--no-plots", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        for line in proc.stdout:  # the first group's line: it has finished and its results are written
+            if line.startswith("group "):
+                break
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted: 2 of 4 configs trained" in stderr
+    records = read_jsonl(out / "results.jsonl")
+    assert [(r["id"], r["status"], r["steps"]) for r in records] == [(0, "ok", 200), (1, "ok", 200)]
+    assert (out / "best" / "model.safetensors").is_file()
 
 
 def test_dry_run_prints_configs_groups_and_estimate_and_trains_nothing(tmp_path, words_file):

@@ -312,6 +312,10 @@ def prepare(configs: list[TrainConfig], device: torch.device) -> list[GroupRun]:
     an --impl that cannot run a group is an error now."""
     for name in COMMON:
         common(configs, name)
+    for c in configs:
+        if c.resume or c.eval_every:
+            raise CLIError("a sweep trains each config from the start and evaluates it at the end: resume and "
+                           "eval_every are train's (train the best config on with train --resume)")
     corpora: dict[int, Corpus] = {}
     runs = []
     for group in group_configs(configs):

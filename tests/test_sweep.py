@@ -232,6 +232,13 @@ def test_python_api_train_returns_the_metrics_and_the_module_still_runs(tmp_path
         charmlp_fast.train({"hidden": 3})
 
 
+def test_python_api_sweep_refuses_what_only_train_does(words_file):
+    with pytest.raises(CLIError, match="resume and eval_every are train's"):
+        charmlp_fast.sweep([small(words_file, eval_every=50)], progress=False)
+    with pytest.raises(CLIError, match="share their device"):
+        charmlp_fast.sweep([small(words_file, device="cpu"), small(words_file, device="auto")], progress=False)
+
+
 def test_python_api_sweep_without_an_output_directory_writes_nothing(tmp_path, words_file, monkeypatch):
     monkeypatch.chdir(tmp_path)
     records = charmlp_fast.sweep([small(words_file, seed=s) for s in (1, 2)], progress=False)

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import machine  # noqa: E402
+from benchmarks.graphs import capture  # noqa: E402
 from charmlp_fast import reference  # noqa: E402
 from charmlp_fast.cli import intra_op_threads, threads_for  # noqa: E402
 from charmlp_fast.data import load_corpus  # noqa: E402
@@ -132,7 +133,7 @@ def torch_func_runner(models: list[CharMLP], X, Y, device: torch.device):
                 p.sub_(lr * grads[name])
 
     if device.type == "cuda":
-        step = _capture(step, device)  # lr is 0 here: the capture's warm-up steps leave the parameters unchanged
+        step = capture(step, device)  # lr is 0 here: the capture's warm-up steps leave the parameters unchanged
 
     last_lr = 0.0
 
@@ -145,21 +146,6 @@ def torch_func_runner(models: list[CharMLP], X, Y, device: torch.device):
             step()
 
     return run
-
-
-def _capture(step, device: torch.device):
-    """step() captured in one CUDA graph (after three warm-up steps on a side stream) -> its replay. The default
-    CUDA generator is graph-safe: its Philox offset advances on every replay, so each replay draws new rows."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import machine  # noqa: E402
+from benchmarks.graphs import capture  # noqa: E402
 from charmlp_fast import reference  # noqa: E402
 from charmlp_fast.cli import thread_setting, threads_for  # noqa: E402
 from charmlp_fast.data import load_corpus  # noqa: E402
@@ -135,22 +136,13 @@ def train_graph_pytorch(Xtr, Ytr, V, n, device, timer):
             for p, gr in zip(parameters, grads):
                 p.sub_(lr * gr)
 
-    # Warm up on a side stream with lr = 0 (parameters unchanged), then capture.
-    lr.zero_()
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    lr.zero_()  # the capture's warm-up steps leave the parameters unchanged
+    replay = capture(step, device)
     timer.warm(0)  # capture done
     for i in range(n):
         if i == 0 or i == LR_DECAY_STEP:
             lr.fill_(lr_at(i))
-        graph.replay()
+        replay()
     return parameters
 
 

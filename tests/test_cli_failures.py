@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import SYLLABLES, write_syllable_words
 
 from charmlp_fast.checkpoint import load_checkpoint, save_checkpoint
 from charmlp_fast.cli import ONE_THREAD_WORK, threads_for
@@ -30,12 +30,8 @@ TINY = ["--device", "cpu", "--n-hidden", "16", "--num-samples", "2", "--no-plots
 
 @pytest.fixture
 def words_file(tmp_path) -> Path:
-    rng = random.Random(7)
-    syllables = ["an", "na", "el", "la", "ri", "mo", "ka", "ly", "jo"]
-    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)})
-    path = tmp_path / "words.txt"
-    path.write_text("\n".join(words) + "\n", encoding="utf-8")
-    return path
+    return write_syllable_words(tmp_path / "words.txt", seed=7, draws=400, max_syllables=3,
+                                syllables=SYLLABLES[:9])
 
 
 def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:

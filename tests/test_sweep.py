@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,18 +19,14 @@ from charmlp_fast import sweep as sweep_module
 from charmlp_fast.cli import CLIError
 from charmlp_fast.config import TrainConfig
 from charmlp_fast.train import train
+from utils import write_syllable_words
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def words_file(tmp_path) -> Path:
-    rng = random.Random(5)
-    syllables = ["an", "na", "el", "la", "ri", "mo", "ka", "ly", "jo", "se", "th", "ia"]
-    words = {"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(2000)}
-    path = tmp_path / "words.txt"
-    path.write_text("\n".join(sorted(words)) + "\n", encoding="utf-8")
-    return path
+    return write_syllable_words(tmp_path / "words.txt", seed=5, draws=2000)
 
 
 def run_cli(*args: str, module: str = "charmlp_fast.sweep", timeout: int = 300) -> subprocess.CompletedProcess:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from utils import write_syllable_words
 
 from charmlp_fast import checkpoint as ckpt
 from charmlp_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -23,12 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def words_file(tmp_path) -> Path:
-    rng = random.Random(3)
-    syllables = ["an", "na", "el", "la", "ri", "mo", "ka", "ly", "jo", "se", "th", "ia"]
-    words = {"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(3000)}
-    path = tmp_path / "words.txt"
-    path.write_text("\n".join(sorted(words)) + "\n", encoding="utf-8")
-    return path
+    return write_syllable_words(tmp_path / "words.txt", seed=3, draws=3000)
 
 
 def run_cli(module: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

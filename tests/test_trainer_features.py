@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import write_syllable_words
 
 from charmlp_fast import lr_find
 from charmlp_fast.checkpoint import load_checkpoint
@@ -30,12 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def words_file(tmp_path) -> Path:
-    rng = random.Random(5)
-    syllables = ["an", "na", "el", "la", "ri", "mo", "ka", "ly", "jo", "se", "th", "ia"]
-    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(3000)})
-    path = tmp_path / "words.txt"
-    path.write_text("\n".join(words) + "\n", encoding="utf-8")
-    return path
+    return write_syllable_words(tmp_path / "words.txt", seed=5, draws=3000)
 
 
 @pytest.fixture

@@ -1,7 +1,23 @@
-"""Comparison helpers that say where and how much two tensors differ."""
+"""Comparison helpers that say where and how much two tensors differ, and the generated word lists of the trainer
+tests."""
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import torch
+
+SYLLABLES = ("an", "na", "el", "la", "ri", "mo", "ka", "ly", "jo", "se", "th", "ia")
+
+
+def write_syllable_words(path: Path, seed: int, draws: int, max_syllables: int = 4,
+                         syllables: tuple[str, ...] = SYLLABLES) -> Path:
+    """A words file for the trainer: the distinct words of `draws` random strings of 1..max_syllables syllables,
+    sorted, one per line."""
+    rng = random.Random(seed)
+    words = {"".join(rng.choice(syllables) for _ in range(rng.randint(1, max_syllables))) for _ in range(draws)}
+    path.write_text("\n".join(sorted(words)) + "\n", encoding="utf-8")
+    return path
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0,

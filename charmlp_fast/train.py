@@ -325,6 +325,7 @@ def train_chunk(run: Run, n: int, per_call: int) -> tuple[torch.Tensor, dict]:
               "steps_per_s": n / (time.perf_counter() - t_chunk)}
     if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
         record["dev_loss"] = evaluate(run.model, *run.splits["dev"]).item()
+        record["dev_ppl"] = perplexity(record["dev_loss"])
         run.checkpoint()
     return chunk, record
 
@@ -386,6 +387,11 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
         return TrainResult(run.step, None, finish(run, records, losses, first_step, wall))
 
 
+def perplexity(loss: float) -> float:
+    """exp of a mean negative log-likelihood per predicted token (inf where that overflows)."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
 def device_name(device: torch.device) -> str:
     """"cpu", or the GPU's name."""
     return str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
@@ -398,9 +404,9 @@ def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step
     dev_curve = [{"step": r["step"], "dev_loss": r["dev_loss"]} for r in records if "dev_loss" in r
                  and r["step"] > first_step] + [{"step": step, "dev_loss": final["dev"]}]
     done = step - first_step
-    print(f"{'split':<6} {'loss':>8}")
+    print(f"{'split':<6} {'loss':>8} {'ppl':>10}")
     for name, value in final.items():
-        print(f"{name:<6} {value:8.4f}")
+        print(f"{name:<6} {value:8.4f} {perplexity(value):10.2f}")
     print(f"{done:,} steps in {wall:.2f} s ({done / wall:,.0f} steps/s, {wall / max(done, 1) * 1e6:.1f} us/step)")
 
     samples = sample_names(model, corpus.vocab, cfg.num_samples, SAMPLE_SEED)
@@ -410,6 +416,9 @@ def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step
     step_losses = torch.cat(losses).cpu()
     metrics = {
         "losses": final,
+        "ppl": {name: perplexity(value) for name, value in final.items()},
+        "valid_ppl": perplexity(final["dev"]),
+        "test_ppl": perplexity(final["test"]),
         "dev_curve": dev_curve,
         "train_loss_last_1000": step_losses[-1000:].mean().item(),
         "steps": step,

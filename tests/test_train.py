@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,6 +41,10 @@ def test_smoke_training_checkpoint_and_sampling(tmp_path, words_file, impl):
     curve = [d["dev_loss"] for d in metrics["dev_curve"]]
     assert len(curve) == 3 and curve[-1] < curve[0] < 4.0  # the loss decreases from the first evaluation on
     assert metrics["losses"]["train"] < 2.6
+    assert metrics["valid_ppl"] == math.exp(metrics["losses"]["dev"]) == metrics["ppl"]["dev"]
+    assert metrics["test_ppl"] == math.exp(metrics["losses"]["test"])
+    assert [r["dev_ppl"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if "dev_ppl" in r] == [math.exp(d["dev_loss"]) for d in metrics["dev_curve"][:-1]]
     assert len(metrics["samples"]) == 5
 
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())

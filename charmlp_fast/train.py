@@ -410,8 +410,10 @@ def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step
     print(f"{done:,} steps in {wall:.2f} s ({done / wall:,.0f} steps/s, {wall / max(done, 1) * 1e6:.1f} us/step)")
 
     samples = sample_names(model, corpus.vocab, cfg.num_samples, SAMPLE_SEED)
-    if samples:
-        print("samples: " + (" | " if corpus.vocab.sep else " ").join(samples))
+    if samples and corpus.vocab.sep:  # words: one sentence a line
+        print("samples:\n" + "\n".join(f"  {s}" for s in samples))
+    elif samples:
+        print("samples: " + " ".join(samples))
 
     step_losses = torch.cat(losses).cpu()
     metrics = {

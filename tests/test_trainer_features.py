@@ -248,7 +248,7 @@ def test_word_vocabulary_and_dataset():
     assert vocab.decode([2, 1, 3]) == "a <unk> b"
 
 
-def test_word_level_training(tmp_path, text_file):
+def test_word_level_training(tmp_path, text_file, capsys):
     cfg = small_cfg(text_file, tmp_path, tokens="words", max_vocab=20, n_embd=8, block_size=3, steps=600,
                     lr_decay_step=500, eval_every=300)
     metrics = train(cfg, progress=False).metrics
@@ -257,6 +257,8 @@ def test_word_level_training(tmp_path, text_file):
     # Far below the uniform log(20) = 3.0: the grammar is learned.
     assert metrics["losses"]["dev"] < 1.6
     assert all(set(s.split()) <= set(vocab.itos) for s in metrics["samples"])
+    printed = capsys.readouterr().out.split("samples:\n", 1)[1].splitlines()
+    assert printed[:len(metrics["samples"])] == [f"  {s}" for s in metrics["samples"]]  # a sentence a line
 
 
 def test_words_mode_needs_data():

@@ -252,10 +252,17 @@ def test_torchrun_two_processes_give_one_process_results_bit_for_bit(tmp_path, w
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "charmlp_fast.sweep", *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
-    assert two.returncode == 0, two.stderr[-3000:]
+    # In a session of its own, so that a hung run is killed with its worker processes, not only the launcher.
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "charmlp_fast.sweep", *args, "--out", str(tmp_path / "two")], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        _, stderr = two.communicate(timeout=240)
+    finally:
+        if two.poll() is None:
+            os.killpg(two.pid, signal.SIGKILL)
+            two.wait()
+    assert two.returncode == 0, stderr[-3000:]
     def comparable(d):  # all but the wall time and the output directory
         return [{**r, "wall_s": None, "config": {**r["config"], "out": None}}
                 for r in read_jsonl(tmp_path / d / "results.jsonl")]

@@ -198,11 +198,14 @@ def build_models(run: GroupRun, device: torch.device) -> list[CharMLP]:
 
 def build_stepper(run: GroupRun, models: list[CharMLP], X: torch.Tensor, Y: torch.Tensor, threads: int):
     """-> (stepper, steps per call): one sgd_train call for the whole group where the persistent implementation
-    runs, its calls about CALL_WORK multiply-adds per thread (a second Ctrl-C stays prompt); else ModelByModel."""
+    runs, its calls as long as train's for one model (a second Ctrl-C stays prompt) -- on the CPU times the models
+    per thread, which share the cores; on CUDA each model has its own blocks, so M models take one model's time;
+    else ModelByModel."""
     c, seeds = run.configs[0], [c.seed for c in run.configs]
     if run.choice.impl == "persistent":
         stepper = PersistentGroupStepper(models, X, Y, c.batch_size, seeds, run.choice.cluster_size)
-        return stepper, trainer.steps_per_call("persistent", max(1, run.work * len(models) // threads))
+        per_thread = 1 if X.device.type == "cuda" else -(-len(models) // threads)
+        return stepper, trainer.steps_per_call("persistent", run.work * per_thread)
     per_call = trainer.steps_per_call(run.choice.impl, run.work)
     return ModelByModel(run.choice, models, X, Y, c.batch_size, seeds, per_call), sys.maxsize
 

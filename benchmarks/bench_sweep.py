@@ -44,7 +44,8 @@ from benchmarks import machine  # noqa: E402
 from benchmarks.graphs import capture  # noqa: E402
 from charmlp_fast import reference  # noqa: E402
 from charmlp_fast.cli import intra_op_threads, threads_for  # noqa: E402
-from charmlp_fast.data import load_corpus  # noqa: E402
+from charmlp_fast.config import TrainConfig  # noqa: E402
+from charmlp_fast.data import load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.steppers import PersistentGroupStepper, StepperUnavailable, lr_schedule, select_stepper  # noqa: E402
 
@@ -204,7 +205,7 @@ def load_data(path: str, device: torch.device) -> dict:
     """{V, train: (X, Y), dev: (X, Y)} of names.txt on `device`; SystemExit with one line when it is missing."""
     if not Path(path).is_file():
         raise SystemExit(f"bench_sweep: no data file at {path} (the seed's names.txt: pass --data)")
-    corpus = load_corpus(path, block_size=T_SEED)
+    corpus = load_corpus_for(TrainConfig(data=path, block_size=T_SEED))
     V = len(corpus.vocab)
     if V != V_SEED:
         raise SystemExit(f"bench_sweep: the seed's size expects a vocabulary of {V_SEED}, {path} gives {V}")

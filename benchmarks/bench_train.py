@@ -42,7 +42,8 @@ from benchmarks import machine  # noqa: E402
 from benchmarks.graphs import capture  # noqa: E402
 from charmlp_fast import reference  # noqa: E402
 from charmlp_fast.cli import thread_setting, threads_for  # noqa: E402
-from charmlp_fast.data import load_corpus  # noqa: E402
+from charmlp_fast.config import TrainConfig  # noqa: E402
+from charmlp_fast.data import load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.steppers import StepperChoice, StepperUnavailable, lr_schedule, select_stepper  # noqa: E402
 
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(threads_for(args.threads, B_SEED * H_SEED * (T_SEED * E_SEED + V_SEED)))
         print(f"{torch.get_num_threads()} intra-op thread(s)", flush=True)
-    corpus = load_corpus(args.data, block_size=T_SEED)
+    corpus = load_corpus_for(TrainConfig(data=args.data, block_size=T_SEED))
     V = len(corpus.vocab)
     assert V == V_SEED, f"the seed's recipe expects a vocabulary of {V_SEED}, got {V}"
     Xtr, Ytr = (t.to(device) for t in corpus.splits["train"])

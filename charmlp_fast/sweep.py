@@ -44,7 +44,7 @@ from charmlp_fast import train as trainer  # noqa: E402
 from charmlp_fast.checkpoint import atomic_write, save_checkpoint  # noqa: E402
 from charmlp_fast.cli import (check_flag_value, check_out_dir, flag_of, intra_op_threads, lock_out_dir,  # noqa: E402
                               resolve_device, threads_for)
-from charmlp_fast.config import TrainConfig, add_model_data_arguments  # noqa: E402
+from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of  # noqa: E402
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.steppers import StepperChoice, lr_schedule, model_kernels, select_stepper  # noqa: E402
@@ -52,7 +52,8 @@ from charmlp_fast.steppers.persistent import PersistentGroupStepper  # noqa: E40
 
 # The fields a grid may sweep: the model's sizes, the batch, the schedule and the seed. The data and where and how
 # the models run are the sweep's, one value for all.
-SWEEPABLE = ("block_size", "n_embd", "n_hidden", "batch_size", "steps", "lr", "lr_decay_step", "lr_after", "seed")
+SWEEPABLE = ("block_size", "n_embd", "n_hidden", "batch_size", "steps", "lr", "lr_decay_step", "lr_after", "seed",
+             "init")
 # Configs equal in these fields are one group: one sgd_train call (the learning rates and seeds may differ).
 SHAPE = ("block_size", "n_embd", "n_hidden", "batch_size", "steps")
 # The seed's exploration: hidden 100 -> 300 at embedding 2, then embedding 10 with hidden 200, each with the
@@ -192,8 +193,8 @@ class Trained:
 
 def build_models(run: GroupRun, device: torch.device) -> list[CharMLP]:
     V = len(run.corpus.vocab)
-    return [CharMLP(V, c.block_size, c.n_embd, c.n_hidden, kernels=run.choice.model_kernels, seed=c.seed).to(device)
-            for c in run.configs]
+    return [CharMLP(V, c.block_size, c.n_embd, c.n_hidden, kernels=run.choice.model_kernels, seed=c.seed,
+                    init=init_of(c)).to(device) for c in run.configs]
 
 
 def build_stepper(run: GroupRun, models: list[CharMLP], X: torch.Tensor, Y: torch.Tensor, threads: int):

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from charmlp_fast.checkpoint import Checkpoint, atomic_write, save_checkpoint  # noqa: E402
-from charmlp_fast.config import TrainConfig, add_model_data_arguments, resolve_config  # noqa: E402
+from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of, resolve_config  # noqa: E402
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.sample import SAMPLE_SEED, sample_names  # noqa: E402
@@ -285,7 +285,8 @@ def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None) -> R
                        "changed since it was written")
     out = check_out_dir(cfg.out)
     splits = {name: (X.to(device), Y.to(device)) for name, (X, Y) in corpus.splits.items()}
-    model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, kernels=choice.model_kernels, seed=cfg.seed)
+    model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, kernels=choice.model_kernels, seed=cfg.seed,
+                    init=init_of(cfg))
     step, first_loss = 0, None
     if ckpt is not None:
         model.load_params(ckpt.params)

@@ -213,3 +213,24 @@ def test_training_on_the_three_file_layout_learns(tmp_path, grammar_dir):
     assert all(set(s.split()) <= set(ck.vocab.itos) for s in metrics["samples"])
     resumed = dataclasses.replace(cfg, steps=500, resume=str(tmp_path / "out" / "model.safetensors"))
     assert train(resumed, progress=False).step == 500
+
+
+@pytest.mark.parametrize("init, first", [(None, "ln V"), ("scaled", "ln V"), ("seed", "far above")])
+def test_word_models_start_at_a_uniform_guess_by_default(tmp_path, grammar_dir, init, first):
+    cfg = TrainConfig(data=str(grammar_dir), tokens="words", block_size=3, n_embd=8, n_hidden=32, steps=1,
+                      device="cpu", out=str(tmp_path / "out"), num_samples=0, plots=False, init=init)
+    train(cfg, progress=False)
+    ck = load_checkpoint(tmp_path / "out" / "model.safetensors")
+    ln_v = math.log(len(ck.vocab))
+    if first == "ln V":
+        assert abs(ck.extra["first_loss"] - ln_v) < 0.1
+    else:
+        assert ck.extra["first_loss"] > ln_v + 3
+
+
+def test_an_old_words_checkpoint_keeps_the_seeds_init():
+    from charmlp_fast.config import checkpoint_config, init_of
+
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig(tokens="words")).items() if k != "init"}
+    assert init_of(checkpoint_config(old, "old.safetensors")) == "seed"
+    assert init_of(TrainConfig(tokens="words")) == "scaled" and init_of(TrainConfig()) == "seed"

@@ -16,7 +16,8 @@ where c_n counts the n-grams themselves, c_k for k < n counts the distinct token
 continuation count), c_k(h .) = sum_w c_k(h w), N_k(h .) = the number of w with c_k(h w) > 0, and P_0 is uniform
 over the vocabulary. A context never seen in training leaves P_k = P_{k-1}.
 
-Counting is vectorised (torch.unique over the k-gram rows), so a million-token corpus takes seconds.
+Counting is vectorised (one int64 id per suffix of the events, SuffixIds), so a million-token corpus takes
+seconds.
 """
 from __future__ import annotations
 
@@ -39,43 +40,58 @@ from charmlp_fast.config import TrainConfig, add_data_arguments  # noqa: E402
 from charmlp_fast.data import load_corpus_for  # noqa: E402
 
 
-def lookup(table: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """values of the rows of `queries` (Q, k) in `table` (R, k) with distinct rows, 0 for rows not in it."""
-    if table.shape[0] == 0:
-        return torch.zeros(queries.shape[0], dtype=values.dtype)
-    ids = torch.unique(torch.cat([table, queries]), dim=0, return_inverse=True)[1]
-    by_id = torch.zeros(int(ids.max()) + 1, dtype=values.dtype)
-    by_id[ids[:table.shape[0]]] = values
-    return by_id[ids[table.shape[0]:]]
+class SuffixIds:
+    """Dense ids for the suffixes of token rows (N, w): the last k tokens of a row get id_k in [0, count_k), built
+    right to left, key_k = token_{-k} * count_{k-1} + id_{k-1} (id_0 = 0: the empty suffix). Every key is one int64
+    and every lookup a searchsorted on a sorted 1-D array: torch.unique over whole rows (a lexicographic sort) is
+    many times slower."""
+
+    def __init__(self, rows: torch.Tensor):
+        ids = torch.zeros(rows.shape[0], dtype=torch.int64)
+        self.keys: list[torch.Tensor] = [torch.zeros(1, dtype=torch.int64)]  # keys[k]: the sorted distinct keys
+        self.ids = [ids]  # ids[k]: the id of each row's k-suffix
+        for k in range(1, rows.shape[1] + 1):
+            keys, ids = torch.unique(rows[:, -k] * len(self.keys[-1]) + ids, return_inverse=True)
+            self.keys.append(keys)
+            self.ids.append(ids)
+
+    def count(self, k: int) -> int:
+        return len(self.keys[k])
+
+    def lookup(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The ids of the suffixes of other rows (Q, w): per k, (Q,) ids, -1 for a suffix these rows never had."""
+        ids = torch.zeros(rows.shape[0], dtype=torch.int64)
+        out = [ids]
+        for k in range(1, rows.shape[1] + 1):
+            key = rows[:, -k] * self.count(k - 1) + ids
+            pos = torch.searchsorted(self.keys[k], key).clamp_max(self.count(k) - 1)
+            ids = torch.where((ids >= 0) & (self.keys[k][pos] == key), pos, -1)
+            out.append(ids)
+        return out
 
 
-def context_of(grams: torch.Tensor) -> torch.Tensor:
-    """The contexts (all but the last token) of k-gram rows, behind a column of zeros: the unigrams' empty contexts
-    become one row of width 1, which torch.unique(dim=0) takes (it refuses rows of no columns)."""
-    return torch.cat([grams.new_zeros(grams.shape[0], 1), grams[:, :-1]], dim=1)
+def gather(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """values[ids], 0 where ids is -1."""
+    return torch.where(ids >= 0, values[ids.clamp_min(0)], torch.zeros((), dtype=values.dtype))
 
 
 @dataclass
 class Order:
-    """The counts of one order k: the distinct k-grams, their counts (raw for the highest order, continuation
-    below), and per distinct context (the first k - 1 tokens) the sum of those counts and the number of words."""
+    """The counts of order k, indexed by gram id (SuffixIds of the events): each k-gram's count (raw for the
+    highest order, continuation below) and, per context id (of the contexts' own SuffixIds), the sum of its grams'
+    counts c_k(h .) and their number N_k(h .)."""
 
-    grams: torch.Tensor  # (R, k) int64
-    counts: torch.Tensor  # (R,)
-    contexts: torch.Tensor  # (Rc, k): context_of the grams
-    context_total: torch.Tensor  # (Rc,) c_k(h .)
-    context_types: torch.Tensor  # (Rc,) N_k(h .)
+    counts: torch.Tensor  # (grams,) float64
+    context_total: torch.Tensor  # (contexts,)
+    context_types: torch.Tensor  # (contexts,)
     discount: float
 
     @classmethod
-    def of(cls, grams: torch.Tensor, counts: torch.Tensor) -> "Order":
+    def of(cls, counts: torch.Tensor, context_of: torch.Tensor, n_contexts: int) -> "Order":
         n1, n2 = int((counts == 1).sum()), int((counts == 2).sum())
-        discount = n1 / (n1 + 2 * n2) if n1 else 0.5
-        contexts, inverse = torch.unique(context_of(grams), dim=0, return_inverse=True)
-        total = torch.zeros(contexts.shape[0], dtype=torch.float64).index_add_(0, inverse, counts.double())
-        types = torch.zeros(contexts.shape[0], dtype=torch.float64).index_add_(
-            0, inverse, torch.ones_like(counts, dtype=torch.float64))
-        return cls(grams, counts.double(), contexts, total, types, discount)
+        total = torch.zeros(n_contexts, dtype=torch.float64).index_add_(0, context_of, counts.double())
+        types = torch.bincount(context_of, minlength=n_contexts).double()
+        return cls(counts.double(), total, types, n1 / (n1 + 2 * n2) if n1 else 0.5)
 
 
 class KneserNey:
@@ -83,31 +99,40 @@ class KneserNey:
     events: X (N, n - 1) and Y (N,) as the trainer's corpus has them with block_size = n - 1."""
 
     def __init__(self, X: torch.Tensor, Y: torch.Tensor, vocab_size: int):
-        rows = torch.cat([X, Y[:, None]], dim=1).long()
-        self.n, self.V = rows.shape[1], vocab_size
-        grams, counts = torch.unique(rows, dim=0, return_counts=True)
-        orders = [Order.of(grams, counts)]
-        for _ in range(self.n - 1):  # continuation counts: the distinct tokens before each shorter gram
-            grams, counts = torch.unique(grams[:, 1:], dim=0, return_counts=True)
-            orders.append(Order.of(grams, counts))
-        self.orders = orders[::-1]  # orders[k - 1] holds the k-grams
+        X = X.long()
+        self.n, self.V = X.shape[1] + 1, vocab_size
+        self.grams, self.contexts = SuffixIds(torch.cat([X, Y.long()[:, None]], dim=1)), SuffixIds(X)
+        self.orders: list[Order] = []  # orders[k - 1]: the k-grams
+        counts = torch.bincount(self.grams.ids[self.n], minlength=self.grams.count(self.n))  # raw, highest order
+        for k in range(self.n, 0, -1):
+            context_of = self.scatter_ids(self.grams.ids[k], self.contexts.ids[k - 1], self.grams.count(k))
+            self.orders.insert(0, Order.of(counts, context_of, self.contexts.count(k - 1)))
+            if k > 1:  # the next lower order's continuation counts: the distinct k-grams ending in each (k-1)-gram
+                suffix_of = self.scatter_ids(self.grams.ids[k], self.grams.ids[k - 1], self.grams.count(k))
+                counts = torch.bincount(suffix_of, minlength=self.grams.count(k - 1))
+
+    @staticmethod
+    def scatter_ids(keys: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+        """(n,) out with out[keys[i]] = values[i], for a function keys -> values given row by row."""
+        return torch.zeros(n, dtype=torch.int64).index_put_((keys,), values)
 
     def prob(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """P(Y | X) (Q,) float64 for contexts X (Q, n - 1) and targets Y (Q,)."""
-        rows = torch.cat([X, Y[:, None]], dim=1).long()
-        p = torch.full((rows.shape[0],), 1.0 / self.V, dtype=torch.float64)
+        X = X.long()
+        grams = self.grams.lookup(torch.cat([X, Y.long()[:, None]], dim=1))
+        contexts = self.contexts.lookup(X)
+        p = torch.full((len(Y),), 1.0 / self.V, dtype=torch.float64)
         for k, order in enumerate(self.orders, start=1):
-            q = rows[:, -k:]
-            count = lookup(order.grams, order.counts, q)
-            total = lookup(order.contexts, order.context_total, context_of(q))
-            types = lookup(order.contexts, order.context_types, context_of(q))
+            count = gather(order.counts, grams[k])
+            total = gather(order.context_total, contexts[k - 1])
+            types = gather(order.context_types, contexts[k - 1])
             seen = total > 0
             d = order.discount
             mixed = ((count - d).clamp_min(0) + d * types * p) / total.where(seen, torch.ones_like(total))
             p = torch.where(seen, mixed, p)
         return p
 
-    def loss(self, X: torch.Tensor, Y: torch.Tensor, chunk: int = 1 << 18) -> float:
+    def loss(self, X: torch.Tensor, Y: torch.Tensor, chunk: int = 1 << 20) -> float:
         """Mean negative log-likelihood per predicted token (nats)."""
         total = sum(-self.prob(X[i:i + chunk], Y[i:i + chunk]).log().sum().item() for i in range(0, len(Y), chunk))
         return total / max(len(Y), 1)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import machine  # noqa: E402
 from benchmarks.graphs import capture  # noqa: E402
 from charmlp_fast import reference  # noqa: E402
-from charmlp_fast.cli import intra_op_threads, threads_for  # noqa: E402
+from charmlp_fast.cli import intra_op_threads, step_work, threads_for  # noqa: E402
 from charmlp_fast.config import TrainConfig  # noqa: E402
 from charmlp_fast.data import load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # now, not after minutes of timing
     threads = args.threads or torch.get_num_threads()
-    one_threads = threads_for("auto", B_SEED * H_SEED * (T_SEED * E_SEED + V_SEED))
+    one_threads = threads_for("auto", step_work(V_SEED, T_SEED, E_SEED, H_SEED, B_SEED))
 
     one = bench_one_model(data, args, device, one_threads)
     print(f"one model alone: {one['model_steps_per_s']:,.0f} model-steps/s at {one_threads} thread(s)", flush=True)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import machine  # noqa: E402
 from benchmarks.graphs import capture  # noqa: E402
 from charmlp_fast import reference  # noqa: E402
-from charmlp_fast.cli import thread_setting, threads_for  # noqa: E402
+from charmlp_fast.cli import step_work, thread_setting, threads_for  # noqa: E402
 from charmlp_fast.config import TrainConfig  # noqa: E402
 from charmlp_fast.data import load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(threads_for(args.threads, B_SEED * H_SEED * (T_SEED * E_SEED + V_SEED)))
+        torch.set_num_threads(threads_for(args.threads, step_work(V_SEED, T_SEED, E_SEED, H_SEED, B_SEED)))
         print(f"{torch.get_num_threads()} intra-op thread(s)", flush=True)
     corpus = load_corpus_for(TrainConfig(data=args.data, block_size=T_SEED))
     V = len(corpus.vocab)

@@ -138,6 +138,12 @@ def thread_setting(text: str) -> int | str:
     return text if text == "auto" else _int_in_range(1, "positive")(text)
 
 
+def step_work(V: int, T: int, E: int, H: int, B: int) -> int:
+    """Multiply-adds of one SGD step's forward, B*H*(T*E + V): the measure of a step's size that the thread count,
+    the persistent calls' length and the sweep's shards go by."""
+    return B * H * (T * E + V)
+
+
 def threads_for(setting: int | str, work_per_step: int, default: int | None = None) -> int:
     """The intra-op threads to run with: a number as given; 'auto': one when a step does fewer than ONE_THREAD_WORK
     multiply-adds (work_per_step = B*H*(T*E + V)), else `default` (torch's current count when None)."""

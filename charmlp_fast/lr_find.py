@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from charmlp_fast.cli import (ArgumentParser, check_out_dir, finite_float, intra_op_threads, positive_int,
-                              quiet_interrupts, resolve_device, run_main, threads_for)
+                              quiet_interrupts, resolve_device, run_main, step_work, threads_for)
 
 if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
     quiet_interrupts()
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     X, Y = (t.to(device) for t in corpus.splits["train"])
     model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, seed=cfg.seed, init=init_of(cfg),
                     kernels=choice.model_kernels).to(device)
-    work = cfg.batch_size * cfg.n_hidden * (cfg.block_size * cfg.n_embd + V)
+    work = step_work(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size)
     with intra_op_threads(threads_for(cfg.threads, work)) as threads:
         print(f"device {device}, {threads} thread{'s' if threads > 1 else ''}", flush=True)
         exponents, losses = lr_sweep(choice.build(model, X, Y, cfg.batch_size, cfg.seed), lo, hi, steps)

@@ -43,7 +43,7 @@ from tqdm import tqdm  # noqa: E402
 from charmlp_fast import train as trainer  # noqa: E402
 from charmlp_fast.checkpoint import atomic_write, save_checkpoint  # noqa: E402
 from charmlp_fast.cli import (check_flag_value, check_out_dir, flag_of, intra_op_threads, lock_out_dir,  # noqa: E402
-                              resolve_device, threads_for)
+                              resolve_device, step_work, threads_for)
 from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of  # noqa: E402
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
@@ -171,7 +171,7 @@ class GroupRun:
     def work(self) -> int:
         """Multiply-adds of one model's step, B*H*(T*E+V)."""
         c = self.configs[0]
-        return c.batch_size * c.n_hidden * (c.block_size * c.n_embd + len(self.corpus.vocab))
+        return step_work(len(self.corpus.vocab), c.block_size, c.n_embd, c.n_hidden, c.batch_size)
 
     def cost(self) -> float:
         return self.work * len(self.configs) * self.configs[0].steps

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from charmlp_fast.cli import (ArgumentParser, CLIError, check_flag_value, check_out_dir, flag_of, intra_op_threads,
                               lock_out_dir, non_negative_int, positive_float, positive_int, quiet_interrupts,
-                              resolve_device, run_main, threads_for)
+                              resolve_device, run_main, step_work, threads_for)
 
 if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
     quiet_interrupts()
@@ -299,7 +299,7 @@ def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None) -> R
                   "the minibatches from here on differ from an uninterrupted run's", file=sys.stderr)
         else:
             stepper.load_state(ckpt.tensors)
-    work = cfg.batch_size * cfg.n_hidden * (cfg.block_size * cfg.n_embd + V)
+    work = step_work(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size)
     return Run(cfg, corpus, device, choice, out, splits, model, stepper, step, first_loss, work)
 
 

@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -267,7 +266,7 @@ def main(argv=None) -> int:
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else machine.cpu_name(),
         "device_type": device.type, "torch": torch.__version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name] + sys.argv), "git": _git_rev(),
+        "command": " ".join([Path(sys.executable).name] + sys.argv), "git": machine.git_rev(),
         "threads": threads, "one_model_threads": one_threads,
         "recipe": {"steps": args.steps, "batch": B_SEED, "lr": [LR, args.steps // 2, LR_AFTER],
                    "sizes": [data["V"], T_SEED, E_SEED, H_SEED], "chunk": args.chunk,
@@ -324,13 +323,6 @@ def _m1_line(rows: list[dict]) -> str:
         return "; M = 1 was not swept"
     rate = m1["sweep"]["model_steps_per_s"]
     return f"; the M = 1 sweep (the sweep's threads): {rate:,.0f} model-steps/s ({m1['speedup_vs_one_at_a_time']:.2f}x)"
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

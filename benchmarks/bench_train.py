@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -278,7 +277,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else machine.cpu_name(),
         "device_type": device.type, "torch": torch.__version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name] + sys.argv), "threads": torch.get_num_threads(),
-        "git": _git_rev(), "recipe": {"steps": args.steps, "batch": B_SEED, "lr": [LR, LR_DECAY_STEP, LR_AFTER],
+        "git": machine.git_rev(), "recipe": {"steps": args.steps, "batch": B_SEED, "lr": [LR, LR_DECAY_STEP, LR_AFTER],
                                       "seed": reference.SEED, "sizes": [V, T_SEED, E_SEED, H_SEED]},
         "floor": floor,
     }
@@ -324,13 +323,6 @@ def render_markdown(meta: dict, rows: list[dict], steps: int) -> str:
                      f"{r.get('speedup_vs_eager', float('nan')):.1f}x | {r['train_loss']:.4f}{loss_note} | "
                      f"{r['dev_loss']:.4f}{loss_note} |")
     return "\n".join(lines) + "\n"
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

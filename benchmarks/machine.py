@@ -1,9 +1,10 @@
 """What the benchmarks need to know about the CPU they run on: its name, clock and peak FP32 rate, and a measured
-memory bandwidth, so that CPU results can be set against a floor as the GPU ones are."""
+memory bandwidth, so that CPU results can be set against a floor as the GPU ones are; and the git revision that ran."""
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 
 import torch
@@ -58,3 +59,12 @@ def measured_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best
+
+
+def git_rev() -> str:
+    """The short git revision of the checkout the benchmark runs from ("unknown" outside one)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

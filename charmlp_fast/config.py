@@ -8,10 +8,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from charmlp_fast import reference
 from charmlp_fast.cli import CLIError, positive_int, seed_int, thread_setting
 from charmlp_fast.data import CONTEXTS
 from charmlp_fast.model import INITS
+from charmlp_fast.steppers import inverse_lr_schedule, lr_schedule
 
 if TYPE_CHECKING:
     from charmlp_fast.checkpoint import Checkpoint
@@ -31,9 +34,11 @@ class TrainConfig:
     n_hidden: int = 200  # H: tanh hidden units
     batch_size: int = 32  # B: minibatch size
     steps: int = 200_000  # total SGD steps (a resumed run continues up to this)
-    lr: float = 0.1  # learning rate before lr_decay_step
-    lr_decay_step: int = 100_000  # first step that uses lr_after
-    lr_after: float = 0.01  # learning rate from lr_decay_step on
+    lr: float = 0.1  # learning rate before lr_decay_step (step) / at step 0 (inverse)
+    lr_schedule: str = "step"  # step: lr, then lr_after from lr_decay_step (the seed); inverse: lr / (1 + r t)
+    lr_decay_step: int = 100_000  # step schedule: the first step that uses lr_after
+    lr_after: float = 0.01  # step schedule: the learning rate from lr_decay_step on
+    lr_decay_rate: float = 1e-5  # inverse schedule: r in lr / (1 + r t) (the paper: eps_0 / (1 + r t))
     seed: int = reference.SEED  # initialisation and minibatch sampling seed
     init: str | None = None  # seed | scaled (model.init_params); None: seed for chars, scaled for words (init_of)
     device: str = "auto"  # auto | cpu | cuda[:N]
@@ -54,6 +59,16 @@ RESUMABLE_OVERRIDES = {"steps", "device", "impl", "eval_every", "log_every", "ou
 # data it was trained on: contexts within sentences, every word kept, the text lower-cased (as the tokenizer always
 # did then) and the vocabulary counted over all three splits. Characters mode did not change: the defaults give it.
 WORDS_FIELDS_BEFORE = {"min_count": 1, "lower": True, "context": "sentence", "vocab_from": "all", "init": "seed"}
+
+
+LR_SCHEDULES = ("step", "inverse")
+
+
+def lrs_of(cfg: TrainConfig, start: int, n: int) -> torch.Tensor:
+    """The learning rates of steps start .. start + n - 1 under cfg's schedule, (n,) float32 on the CPU."""
+    if cfg.lr_schedule == "inverse":
+        return inverse_lr_schedule(cfg.lr, cfg.lr_decay_rate, start, n)
+    return lr_schedule(cfg.lr, cfg.lr_decay_step, cfg.lr_after, start, n)
 
 
 def init_of(cfg: TrainConfig) -> str:

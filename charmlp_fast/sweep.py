@@ -44,16 +44,16 @@ from charmlp_fast import train as trainer  # noqa: E402
 from charmlp_fast.checkpoint import atomic_write, save_checkpoint  # noqa: E402
 from charmlp_fast.cli import (check_flag_value, check_out_dir, flag_of, intra_op_threads, lock_out_dir,  # noqa: E402
                               resolve_device, step_work, threads_for)
-from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of  # noqa: E402
+from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of, lrs_of  # noqa: E402
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
-from charmlp_fast.steppers import StepperChoice, lr_schedule, model_kernels, select_stepper  # noqa: E402
+from charmlp_fast.steppers import StepperChoice, model_kernels, select_stepper  # noqa: E402
 from charmlp_fast.steppers.persistent import PersistentGroupStepper  # noqa: E402
 
 # The fields a grid may sweep: the model's sizes, the batch, the schedule and the seed. The data and where and how
 # the models run are the sweep's, one value for all.
-SWEEPABLE = ("block_size", "n_embd", "n_hidden", "batch_size", "steps", "lr", "lr_decay_step", "lr_after", "seed",
-             "init")
+SWEEPABLE = ("block_size", "n_embd", "n_hidden", "batch_size", "steps", "lr", "lr_schedule", "lr_decay_step",
+             "lr_after", "lr_decay_rate", "seed", "init")
 # Configs equal in these fields are one group: one sgd_train call (the learning rates and seeds may differ).
 SHAPE = ("block_size", "n_embd", "n_hidden", "batch_size", "steps")
 # The seed's exploration: hidden 100 -> 300 at embedding 2, then embedding 10 with hidden 200, each with the
@@ -239,7 +239,7 @@ def train_group(run: GroupRun, device: torch.device, threads: int, bar, sigint: 
     for n in trainer.chunk_sizes(cfg0, 0):
         if sigint["interrupted"]:
             return None
-        lrs = torch.stack([lr_schedule(c.lr, c.lr_decay_step, c.lr_after, step, n) for c in run.configs])
+        lrs = torch.stack([lrs_of(c, step, n) for c in run.configs])
         losses = trainer.run_chunk(stepper, step, lrs, per_call)
         check_divergence(losses, lrs, step, first, errors, V)
         step += n
@@ -583,7 +583,7 @@ def estimate_seconds(run: GroupRun, device: torch.device, threads: int) -> float
     models = build_models(run, device)
     stepper, per_call = build_stepper(run, models, X, Y, threads)
     k = max(3, min(200, 2 ** 25 // (run.work * len(models))))
-    lrs = torch.stack([lr_schedule(c.lr, c.lr_decay_step, c.lr_after, 0, k + 2) for c in run.configs])
+    lrs = torch.stack([lrs_of(c, 0, k + 2) for c in run.configs])
     trainer.run_chunk(stepper, 0, lrs[:, :2], per_call)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()

@@ -34,11 +34,12 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from charmlp_fast.checkpoint import Checkpoint, atomic_write, save_checkpoint  # noqa: E402
-from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of, resolve_config  # noqa: E402
+from charmlp_fast.config import (LR_SCHEDULES, TrainConfig, add_model_data_arguments, init_of, lrs_of,  # noqa: E402
+                                 resolve_config)
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.sample import SAMPLE_SEED, sample_names  # noqa: E402
-from charmlp_fast.steppers import STEPPER_IMPLS, Stepper, StepperChoice, lr_schedule, select_stepper  # noqa: E402
+from charmlp_fast.steppers import STEPPER_IMPLS, Stepper, StepperChoice, select_stepper  # noqa: E402
 
 IMPL_CHOICES = ("auto", *STEPPER_IMPLS)
 # Divergence that stays finite: a chunk whose mean loss exceeds this factor times max(ln V, the loss of the run's
@@ -72,10 +73,16 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     """The schedule, the step implementation and the loss read-backs: the flags train and sweep share."""
     d = TrainConfig()
     p.add_argument("--steps", type=positive_int, help=f"total SGD steps (default {d.steps:,})")
-    p.add_argument("--lr", type=positive_float, help=f"learning rate before --lr-decay-step (default {d.lr})")
+    p.add_argument("--lr", type=positive_float,
+                   help=f"learning rate before --lr-decay-step, or at step 0 of the inverse schedule (default {d.lr})")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help="step: --lr, then --lr-after from --lr-decay-step (the seed's, default); inverse: "
+                        "lr / (1 + r t) with r = --lr-decay-rate (the paper's)")
     p.add_argument("--lr-decay-step", type=non_negative_int,
                    help=f"first step trained with --lr-after (default {d.lr_decay_step:,})")
     p.add_argument("--lr-after", type=positive_float, help=f"learning rate after the decay (default {d.lr_after})")
+    p.add_argument("--lr-decay-rate", type=positive_float,
+                   help=f"r of the inverse schedule, per step (default {d.lr_decay_rate:g})")
     p.add_argument("--impl", choices=IMPL_CHOICES,
                    help="reference: plain PyTorch, the seed's loop; fused: the charmlp ops in that loop; graph: the "
                         "fused step captured in CUDA graphs; persistent: many steps per kernel launch (C++ loop on "
@@ -317,7 +324,7 @@ def train_chunk(run: Run, n: int, per_call: int) -> tuple[torch.Tensor, dict]:
     """n steps from run.step: -> (their losses on the device, their metrics record); a dev evaluation and a
     checkpoint when the chunk ends on an eval_every boundary before the last step."""
     cfg = run.cfg
-    lrs = lr_schedule(cfg.lr, cfg.lr_decay_step, cfg.lr_after, run.step, n)
+    lrs = lrs_of(cfg, run.step, n)
     t_chunk = time.perf_counter()
     chunk = run_chunk(run.stepper, run.step, lrs, per_call)
     stats = chunk_stats(chunk, lrs, run.step, run.first_loss, len(run.corpus.vocab))

@@ -60,6 +60,11 @@ def test_every_combination_is_a_config_in_grid_order(tmp_path):
 def test_ranges_and_flag_spellings():
     configs, _ = sweep_module.parse_args(["--grid", "n-embd=2,5:9:2", "--grid", "lr_after=0.001,0.01"])
     assert sorted({c.n_embd for c in configs}) == [2, 5, 7, 9] and len(configs) == 8
+    schedules, _ = sweep_module.parse_args(["--grid", "lr_schedule=step,inverse", "--grid", "init=seed,scaled"])
+    assert [(c.lr_schedule, c.init) for c in schedules] == [(s, i) for s in ("step", "inverse")
+                                                             for i in ("seed", "scaled")]
+    with pytest.raises(CLIError, match="--grid lr_schedule=cosine: expected one of step, inverse"):
+        sweep_module.parse_args(["--grid", "lr_schedule=cosine"])
 
 
 def test_preset_seed_is_the_seeds_exploration_and_flags_fix_its_fields():

@@ -302,3 +302,17 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path, words_file):
     assert step > 0 and step % 50 == 0  # stopped on a chunk boundary, so the checkpoint is consistent
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == step
+
+
+def test_the_inverse_schedule_is_the_papers(tmp_path, words_file):
+    """--lr-schedule inverse: lr / (1 + r t) at every step (metrics.jsonl's lr is each chunk's last), and the
+    persistent path trains with it as the eager one does."""
+    cfg = small_cfg(words_file, tmp_path, lr=0.2, lr_schedule="inverse", lr_decay_rate=0.01, impl="auto")
+    metrics = train(cfg, progress=False).metrics
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert lrs == [torch.tensor(0.2 / (1 + 0.01 * (s - 1)), dtype=torch.float32).item() for s in range(50, 401, 50)]
+    assert metrics["config"]["lr_schedule"] == "inverse" and metrics["losses"]["dev"] < 3.0
+    from charmlp_fast.config import lrs_of
+
+    step = lrs_of(TrainConfig(lr=0.1, lr_decay_step=3, lr_after=0.01), 1, 4)
+    assert step.tolist() == [torch.tensor(v, dtype=torch.float32).item() for v in (0.1, 0.1, 0.01, 0.01)]

@@ -36,7 +36,7 @@ from charmlp_fast.steppers.graph import GraphStepper
 from charmlp_fast.steppers.persistent import PersistentGroupStepper, PersistentStepper
 
 __all__ = ["STEPPER_IMPLS", "EagerStepper", "GraphStepper", "PersistentGroupStepper", "PersistentStepper", "Stepper",
-           "StepperChoice", "StepperUnavailable", "lr_schedule", "model_kernels", "select_stepper",
+           "StepperChoice", "StepperUnavailable", "inverse_lr_schedule", "lr_schedule", "model_kernels", "select_stepper",
            "unsupported_reason"]
 
 
@@ -58,6 +58,13 @@ def lr_schedule(lr: float, lr_decay_step: int, lr_after: float, start: int, n: i
     """The seed's step decay: lr for steps < lr_decay_step, lr_after from then on. (n,) float32 on the CPU."""
     steps = torch.arange(start, start + n)
     return torch.where(steps < lr_decay_step, lr, lr_after).to(torch.float32)
+
+
+def inverse_lr_schedule(lr: float, decay_rate: float, start: int, n: int) -> torch.Tensor:
+    """The paper's schedule, eps_t = eps_0 / (1 + r t) for steps t = start .. start + n - 1 (computed in float64,
+    then rounded). (n,) float32 on the CPU."""
+    steps = torch.arange(start, start + n, dtype=torch.float64)
+    return (lr / (1.0 + decay_rate * steps)).to(torch.float32)
 
 
 class StepperUnavailable(CLIError):

@@ -157,6 +157,10 @@ class ModelByModel:
     def store(self) -> None:
         pass  # the steppers train the models' own parameters
 
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        """Each model's stepper state (the eager loop's sampler), for its checkpoint: train --resume continues it."""
+        return [s.state() for s in self.steppers]
+
 
 @dataclass
 class GroupRun:
@@ -189,6 +193,7 @@ class Trained:
     record: dict
     model: CharMLP | None = None
     first_loss: float | None = None
+    state: dict = field(default_factory=dict)  # its stepper's state() (what train's checkpoint holds besides)
 
 
 def build_models(run: GroupRun, device: torch.device) -> list[CharMLP]:
@@ -248,28 +253,32 @@ def train_group(run: GroupRun, device: torch.device, threads: int, bar, sigint: 
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
     stepper.store()
+    states = stepper.states() if isinstance(stepper, ModelByModel) else [{}] * M  # Philox: stateless
     out = []
-    for i, cfg, model, err, first_loss in zip(run.group.members, run.configs, models, errors, first):
-        record = {"id": i, "config": dataclasses.asdict(cfg), "status": "ok" if err is None else "diverged",
-                  "train_loss": None, "dev_loss": None, "steps": step, "wall_s": wall, "models_in_call": M,
-                  "device": trainer.device_name(device), "impl": run.choice.impl}
+    for i, cfg, model, err, first_loss, state in zip(run.group.members, run.configs, models, errors, first, states):
+        record = new_record(run, i, cfg, device, "ok" if err is None else "diverged", steps=step, wall_s=wall)
         if err is None:
             record["train_loss"] = trainer.evaluate(model, *splits["train"]).item()
             record["dev_loss"] = trainer.evaluate(model, *splits["dev"]).item()
         else:
             record["error"] = err
-        out.append(Trained(record, model, first_loss))
+        out.append(Trained(record, model, first_loss, state))
     return out
+
+
+def new_record(run: GroupRun, i: int, cfg: TrainConfig, device: torch.device, status: str, steps: int = 0,
+               wall_s: float = 0.0) -> dict:
+    """Config i's line of results.jsonl, its losses still to come."""
+    return {"id": i, "config": dataclasses.asdict(cfg), "status": status, "train_loss": None, "dev_loss": None,
+            "steps": steps, "wall_s": wall_s, "models_in_call": len(run.configs),
+            "device": trainer.device_name(device), "impl": run.choice.impl}
 
 
 def failed(run: GroupRun, error: Exception, device: torch.device) -> list[Trained]:
     """The records of a group whose training raised: every config of it failed, with the error's first line."""
     lines = str(error).strip().splitlines()
     message = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    return [Trained({"id": i, "config": dataclasses.asdict(c), "status": "failed", "error": message,
-                     "train_loss": None, "dev_loss": None, "steps": 0, "wall_s": 0.0,
-                     "models_in_call": len(run.configs), "device": trainer.device_name(device),
-                     "impl": run.choice.impl})
+    return [Trained({**new_record(run, i, c, device, "failed"), "error": message})
             for i, c in zip(run.group.members, run.configs)]
 
 
@@ -393,7 +402,7 @@ def save_model(t: Trained, corpus: Corpus, out: Path) -> None:
     """t's checkpoint in out/model.safetensors, as train writes it (train --resume continues it)."""
     config = {**t.record["config"], "out": str(out)}
     save_checkpoint(out / "model.safetensors", t.model, corpus.vocab, config,
-                    {"step": t.record["steps"], "impl": t.record["impl"], "first_loss": t.first_loss})
+                    {"step": t.record["steps"], "impl": t.record["impl"], "first_loss": t.first_loss}, t.state)
 
 
 def gather(trained: list[Trained], ranks: Ranks, device: torch.device) -> list[Trained]:
@@ -403,14 +412,14 @@ def gather(trained: list[Trained], ranks: Ranks, device: torch.device) -> list[T
         return sorted(trained, key=lambda t: t.record["id"])
     import torch.distributed as dist
 
-    payload = [(t.record, None if t.model is None else [p.detach().cpu() for p in t.model.params()], t.first_loss)
-               for t in trained]
+    payload = [(t.record, None if t.model is None else [p.detach().cpu() for p in t.model.params()], t.first_loss,
+                {k: v.cpu() for k, v in t.state.items()}) for t in trained]
     parts = [None] * ranks.world if ranks.rank == 0 else None
     dist.gather_object(payload, parts, dst=0)
     if ranks.rank != 0:
         return []
     out = []
-    for record, params, first_loss in itertools.chain.from_iterable(parts):
+    for record, params, first_loss, state in itertools.chain.from_iterable(parts):
         model = None
         if params is not None:
             c = record["config"]
@@ -418,7 +427,7 @@ def gather(trained: list[Trained], ranks: Ranks, device: torch.device) -> list[T
                             kernels=model_kernels(record["impl"], device), seed=0)
             model.load_params(params)
             model.to(device)
-        out.append(Trained(record, model, first_loss))
+        out.append(Trained(record, model, first_loss, state))
     return sorted(out, key=lambda t: t.record["id"])
 
 

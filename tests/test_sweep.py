@@ -127,6 +127,20 @@ def test_a_model_in_a_sweep_is_bit_for_bit_its_train_run(tmp_path, words_file, d
         assert all(torch.equal(mine[n], theirs[n]) for n in theirs), k
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_a_group_the_persistent_loop_does_not_run_trains_model_by_model_as_train_does(tmp_path, words_file, impl):
+    """An explicit eager implementation: each model with train's own stepper and calls, so the same checkpoints."""
+    grid = [small(words_file, device="cpu", impl=impl, seed=s) for s in (1, 2)]
+    records = charmlp_fast.sweep(grid, out=tmp_path / "sw", save="all", progress=False)
+    assert [(r["status"], r["impl"], r["models_in_call"]) for r in records] == [("ok", impl, 2)] * 2
+    cfg = TrainConfig(**{**records[1]["config"], "out": str(tmp_path / "train")})
+    metrics = train(cfg, progress=False).metrics
+    assert records[1]["dev_loss"] == metrics["losses"]["dev"]
+    mine = load_file(tmp_path / "sw" / "runs" / "001" / "model.safetensors")
+    theirs = load_file(tmp_path / "train" / "model.safetensors")
+    assert set(mine) == set(theirs) and all(torch.equal(mine[n], theirs[n]) for n in theirs)  # the sampler too
+
+
 def test_outputs_best_checkpoint_and_test_loss_of_the_best_only(tmp_path, words_file):
     out = tmp_path / "sw"
     result = run_cli("--data", str(words_file), "--grid", "n_hidden=12,20", "--grid", "lr=0.05,0.2",

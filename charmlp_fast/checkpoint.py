@@ -48,7 +48,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 @dataclass
 class Checkpoint:
     params: list[torch.Tensor]  # [C, W1, b1, W2, b2] in the seed's layouts, on the CPU, shapes checked
-    sizes: dict  # {"vocab_size", "block_size", "n_embd", "n_hidden"}: CharMLP's arguments
+    sizes: dict  # {"vocab_size", "block_size", "n_embd", "n_hidden"[, "direct"]}: CharMLP's arguments
     vocab: Vocab
     config: dict  # the training config that wrote it (TrainConfig as a dict)
     extra: dict = field(default_factory=dict)  # JSON-able training state, e.g. {"step": 1000}
@@ -70,7 +70,7 @@ def save_checkpoint(path: str | os.PathLike, model: CharMLP, vocab: Vocab, confi
     metadata = {
         "format": FORMAT,
         "model": json.dumps({"vocab_size": model.vocab_size, "block_size": model.block_size,
-                             "n_embd": model.n_embd, "n_hidden": model.n_hidden}),
+                             "n_embd": model.n_embd, "n_hidden": model.n_hidden, "direct": model.direct}),
         "vocab": json.dumps({"itos": list(vocab.itos), "sep": vocab.sep}),
         "config": json.dumps(config),
         "extra": json.dumps(extra or {}),

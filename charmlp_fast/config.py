@@ -32,6 +32,7 @@ class TrainConfig:
     block_size: int = 3  # T: tokens of context that predict the next one
     n_embd: int = 10  # E: embedding dimension per token
     n_hidden: int = 200  # H: tanh hidden units
+    direct: bool = False  # the paper's direct connections from the context to the output: y = b + W x + U tanh(...)
     batch_size: int = 32  # B: minibatch size
     steps: int = 200_000  # total SGD steps (a resumed run continues up to this)
     lr: float = 0.1  # learning rate before lr_decay_step (step) / at step 0 (inverse)
@@ -39,6 +40,7 @@ class TrainConfig:
     lr_decay_step: int = 100_000  # step schedule: the first step that uses lr_after
     lr_after: float = 0.01  # step schedule: the learning rate from lr_decay_step on
     lr_decay_rate: float = 1e-5  # inverse schedule: r in lr / (1 + r t) (the paper: eps_0 / (1 + r t))
+    weight_decay: float = 0.0  # every step p -= lr * weight_decay * p for C, W1, W2, not the biases (the paper: 1e-4)
     seed: int = reference.SEED  # initialisation and minibatch sampling seed
     init: str | None = None  # seed | scaled (model.init_params); None: seed for chars, scaled for words (init_of)
     device: str = "auto"  # auto | cpu | cuda[:N]
@@ -85,6 +87,9 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, help=f"T: context length (default {d.block_size})")
     p.add_argument("--n-embd", type=positive_int, help=f"E: embedding size (default {d.n_embd})")
     p.add_argument("--n-hidden", type=positive_int, help=f"H: hidden units (default {d.n_hidden})")
+    p.add_argument("--direct", action="store_true",
+                   help="add the paper's direct connections from the context to the output (y = b + W x + "
+                        "U tanh(d + H x)): T*E more rows of the output weights")
     p.add_argument("--batch-size", type=positive_int, help=f"B: minibatch size (default {d.batch_size})")
     p.add_argument("--seed", type=seed_int, help=f"seed for initialisation and minibatches (default {d.seed})")
     p.add_argument("--init", choices=INITS,

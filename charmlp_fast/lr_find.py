@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     out = check_out_dir(out)
     V = len(corpus.vocab)
     choice = select_stepper("auto", device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size),
+                            direct=cfg.direct,
                             auto=SWEEP_IMPLS)
     X, Y = (t.to(device) for t in corpus.splits["train"])
-    model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, seed=cfg.seed, init=init_of(cfg),
+    model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, seed=cfg.seed, init=init_of(cfg), direct=cfg.direct,
                     kernels=choice.model_kernels).to(device)
     work = step_work(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size)
     with intra_op_threads(threads_for(cfg.threads, work)) as threads:

@@ -100,9 +100,12 @@ _H100_SMEM_OPTIN = 227 * 1024
 
 def sgd_train(params: Sequence[torch.Tensor], X: torch.Tensor, Y: torch.Tensor, lrs: torch.Tensor, *,
               seeds: torch.Tensor | None = None, batch_idx: torch.Tensor | None = None, start_step: int = 0,
-              batch_size: int = 32, loss_every: int = 1, cluster_size: int = 0) -> torch.Tensor:
+              batch_size: int = 32, loss_every: int = 1, cluster_size: int = 0,
+              weight_decay: float = 0.0) -> torch.Tensor:
     """S = lrs.shape[-1] SGD steps of M models side by side, in one call; params = [C (M, V, E), W1 (M, T*E, H),
-    b1 (M, H), W2 (M, H, V), b2 (M, V)] float32 contiguous, updated in place.
+    b1 (M, H), W2 (M, H, V), b2 (M, V)] float32 contiguous, updated in place. W2 may be (M, H + T*E, V): its last
+    T*E rows are the direct connections from the context to the logits (the CPU kernel only). Each step is
+    p -= lr * (grad + weight_decay * p), the weight decay on C, W1 and W2 alone (not the biases).
 
     Minibatch rows come from Philox with seeds (M,) int64 — step s of model m uses rows
     minibatch_row(seeds[m], start_step + i, b) — or from batch_idx (S, B) / (M, S, B) int64. lrs is (S,) for all
@@ -113,7 +116,7 @@ def sgd_train(params: Sequence[torch.Tensor], X: torch.Tensor, Y: torch.Tensor, 
     C, W1, b1, W2, b2 = params
     return torch.ops.charmlp.sgd_train(C, W1, b1, W2, b2, X, Y, lrs, seeds=seeds, batch_idx=batch_idx,
                                        start_step=start_step, batch_size=batch_size, loss_every=loss_every,
-                                       cluster_size=cluster_size)
+                                       cluster_size=cluster_size, weight_decay=weight_decay)
 
 
 def philox_minibatch(seeds: torch.Tensor, start_step: torch.Tensor | int, num_steps: int, batch_size: int,
@@ -203,7 +206,8 @@ if HAS_EXTENSION:
         )
 
     @torch.library.register_fake("charmlp::sgd_train")
-    def _(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every=1, cluster_size=0):
+    def _(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every=1, cluster_size=0,
+          weight_decay=0.0):
         S = lrs.shape[-1]
         return C.new_empty((C.shape[0], (S + loss_every - 1) // loss_every))
 

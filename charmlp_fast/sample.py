@@ -61,7 +61,7 @@ def novelty(samples: list[str], training: set[str]) -> float:
 
 def _cpu_copy(model: CharMLP) -> CharMLP:
     # Sampling is a sequential chain of tiny steps: the CPU beats a GPU round trip per token.
-    copy = CharMLP(model.vocab_size, model.block_size, model.n_embd, model.n_hidden)
+    copy = CharMLP(model.vocab_size, model.block_size, model.n_embd, model.n_hidden, direct=model.direct)
     copy.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     return copy
 

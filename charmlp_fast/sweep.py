@@ -53,9 +53,9 @@ from charmlp_fast.steppers.persistent import PersistentGroupStepper  # noqa: E40
 # The fields a grid may sweep: the model's sizes, the batch, the schedule and the seed. The data and where and how
 # the models run are the sweep's, one value for all.
 SWEEPABLE = ("block_size", "n_embd", "n_hidden", "batch_size", "steps", "lr", "lr_schedule", "lr_decay_step",
-             "lr_after", "lr_decay_rate", "seed", "init")
+             "lr_after", "lr_decay_rate", "weight_decay", "seed", "init")
 # Configs equal in these fields are one group: one sgd_train call (the learning rates and seeds may differ).
-SHAPE = ("block_size", "n_embd", "n_hidden", "batch_size", "steps")
+SHAPE = ("block_size", "n_embd", "n_hidden", "direct", "batch_size", "steps", "weight_decay")
 # The seed's exploration: hidden 100 -> 300 at embedding 2, then embedding 10 with hidden 200, each with the
 # neighbourhood of the learning rate its sweep found (0.1).
 PRESETS = {"seed": {"n_hidden": [100, 200, 300], "n_embd": [2, 10], "lr": [0.05, 0.1, 0.2]}}
@@ -147,8 +147,8 @@ class ModelByModel:
     after another within each chunk, in train's calls (so every model's steps are its train run's)."""
 
     def __init__(self, choice: StepperChoice, models: list[CharMLP], X: torch.Tensor, Y: torch.Tensor,
-                 batch_size: int, seeds: list[int], per_call: int):
-        self.steppers = [choice.build(m, X, Y, batch_size, s) for m, s in zip(models, seeds)]
+                 batch_size: int, seeds: list[int], per_call: int, weight_decay: float = 0.0):
+        self.steppers = [choice.build(m, X, Y, batch_size, s, weight_decay) for m, s in zip(models, seeds)]
         self.per_call = per_call
 
     def run(self, start: int, lrs: torch.Tensor) -> torch.Tensor:  # lrs (M, n) -> (M, n)
@@ -199,7 +199,7 @@ class Trained:
 def build_models(run: GroupRun, device: torch.device) -> list[CharMLP]:
     V = len(run.corpus.vocab)
     return [CharMLP(V, c.block_size, c.n_embd, c.n_hidden, kernels=run.choice.model_kernels, seed=c.seed,
-                    init=init_of(c)).to(device) for c in run.configs]
+                    init=init_of(c), direct=c.direct).to(device) for c in run.configs]
 
 
 def build_stepper(run: GroupRun, models: list[CharMLP], X: torch.Tensor, Y: torch.Tensor, threads: int):
@@ -209,11 +209,12 @@ def build_stepper(run: GroupRun, models: list[CharMLP], X: torch.Tensor, Y: torc
     else ModelByModel."""
     c, seeds = run.configs[0], [c.seed for c in run.configs]
     if run.choice.impl == "persistent":
-        stepper = PersistentGroupStepper(models, X, Y, c.batch_size, seeds, run.choice.cluster_size)
+        stepper = PersistentGroupStepper(models, X, Y, c.batch_size, seeds, run.choice.cluster_size,
+                                         c.weight_decay)
         per_thread = 1 if X.device.type == "cuda" else -(-len(models) // threads)
         return stepper, trainer.steps_per_call("persistent", run.work * per_thread)
     per_call = trainer.steps_per_call(run.choice.impl, run.work)
-    return ModelByModel(run.choice, models, X, Y, c.batch_size, seeds, per_call), sys.maxsize
+    return ModelByModel(run.choice, models, X, Y, c.batch_size, seeds, per_call, c.weight_decay), sys.maxsize
 
 
 def check_divergence(losses: torch.Tensor, lrs: torch.Tensor, start: int, first: list, errors: list,
@@ -338,7 +339,8 @@ def prepare(configs: list[TrainConfig], device: torch.device) -> list[GroupRun]:
         if c.block_size not in corpora:
             corpora[c.block_size] = load_corpus_for(c)
         corpus = corpora[c.block_size]
-        choice = select_stepper(c.impl, device, (len(corpus.vocab), c.block_size, c.n_embd, c.n_hidden, c.batch_size))
+        choice = select_stepper(c.impl, device, (len(corpus.vocab), c.block_size, c.n_embd, c.n_hidden, c.batch_size),
+                                direct=c.direct)
         runs.append(GroupRun(group, cfgs, corpus, choice))
     return runs
 
@@ -424,7 +426,7 @@ def gather(trained: list[Trained], ranks: Ranks, device: torch.device) -> list[T
         if params is not None:
             c = record["config"]
             model = CharMLP(params[0].shape[0], c["block_size"], c["n_embd"], c["n_hidden"],
-                            kernels=model_kernels(record["impl"], device), seed=0)
+                            kernels=model_kernels(record["impl"], device), seed=0, direct=c["direct"])
             model.load_params(params)
             model.to(device)
         out.append(Trained(record, model, first_loss, state))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from charmlp_fast.cli import (ArgumentParser, CLIError, check_flag_value, check_out_dir, flag_of, intra_op_threads,
-                              lock_out_dir, non_negative_int, positive_float, positive_int, quiet_interrupts,
+                              lock_out_dir, non_negative_float, non_negative_int, positive_float, positive_int, quiet_interrupts,
                               resolve_device, run_main, step_work, threads_for)
 
 if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
@@ -83,6 +83,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-after", type=positive_float, help=f"learning rate after the decay (default {d.lr_after})")
     p.add_argument("--lr-decay-rate", type=positive_float,
                    help=f"r of the inverse schedule, per step (default {d.lr_decay_rate:g})")
+    p.add_argument("--weight-decay", type=non_negative_float,
+                   help="every step p -= lr * wd * p for the embedding and the weights, not the biases (default 0; "
+                        "the paper: 1e-4)")
     p.add_argument("--impl", choices=IMPL_CHOICES,
                    help="reference: plain PyTorch, the seed's loop; fused: the charmlp ops in that loop; graph: the "
                         "fused step captured in CUDA graphs; persistent: many steps per kernel launch (C++ loop on "
@@ -286,20 +289,21 @@ def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None) -> R
     device = resolve_device(cfg.device)
     corpus = corpus or load_corpus_for(cfg)
     V = len(corpus.vocab)
-    choice = select_stepper(cfg.impl, device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size))
+    choice = select_stepper(cfg.impl, device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size),
+                            direct=cfg.direct)
     if ckpt is not None and corpus.vocab != ckpt.vocab:
         raise CLIError(f"the data's vocabulary differs from the checkpoint's: {cfg.data or 'the default corpus'} "
                        "changed since it was written")
     out = check_out_dir(cfg.out)
     splits = {name: (X.to(device), Y.to(device)) for name, (X, Y) in corpus.splits.items()}
     model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, kernels=choice.model_kernels, seed=cfg.seed,
-                    init=init_of(cfg))
+                    init=init_of(cfg), direct=cfg.direct)
     step, first_loss = 0, None
     if ckpt is not None:
         model.load_params(ckpt.params)
         step, first_loss = ckpt.extra["step"], ckpt.extra.get("first_loss")
     model.to(device)
-    stepper = choice.build(model, *splits["train"], cfg.batch_size, cfg.seed)
+    stepper = choice.build(model, *splits["train"], cfg.batch_size, cfg.seed, cfg.weight_decay)
     if ckpt is not None:
         if ckpt.extra.get("impl", choice.impl) != choice.impl:
             print(f"note: the checkpoint was trained with --impl {ckpt.extra['impl']}, this run uses {choice.impl}: "

@@ -41,13 +41,14 @@ inline void define_schemas(torch::Library& m) {
   // ---- whole-training ops (persistent SGD) -----------------------------------------------------
   // S SGD steps of M independent models in one call (csrc/sgd_train/sgd_train.h): per step, B rows drawn by Philox from
   // seeds (M,) keyed by (seed, start_step + i, row) -- or read from batch_idx (S, B) / (M, S, B) -- then forward,
-  // backward and p -= lrs[..., i] * grad. C (M, V, E), W1 (M, T*E, H), b1 (M, H), W2 (M, H, V), b2 (M, V) float32
-  // are updated in place; X (N, T), Y (N,) int64/int32; lrs (S,) or (M, S) float32. Exactly one of seeds and
+  // backward and p -= lrs[..., i] * (grad + weight_decay * p) (weight decay on C, W1 and W2, not on the biases).
+  // C (M, V, E), W1 (M, T*E, H), b1 (M, H), W2 (M, H, V), b2 (M, V) float32 are updated in place; W2 may be
+  // (M, H + T*E, V), its last T*E rows the direct connections from the context to the logits (CPU only); X (N, T), Y (N,) int64/int32; lrs (S,) or (M, S) float32. Exactly one of seeds and
   // batch_idx. -> losses (M, ceil(S / loss_every)): the mean training loss of each window of loss_every steps.
   // cluster_size: blocks per model on CUDA (0 = auto; see sgd_train_cuda_plan), ignored on the CPU.
   m.def("sgd_train(Tensor(a!) C, Tensor(b!) W1, Tensor(c!) b1, Tensor(d!) W2, Tensor(e!) b2, Tensor X, Tensor Y, "
         "Tensor lrs, Tensor? seeds, Tensor? batch_idx, int start_step, int batch_size, int loss_every=1, "
-        "int cluster_size=0) -> Tensor");
+        "int cluster_size=0, float weight_decay=0.0) -> Tensor");
   // The rows sgd_train draws: (M, num_steps, batch_size) int64 in [0, num_rows) for steps start_step[0] + i.
   // start_step is a one-element int64 tensor on the device of seeds, so that a captured CUDA graph can advance it.
   m.def("philox_minibatch(Tensor seeds, Tensor start_step, int num_steps, int batch_size, int num_rows) -> Tensor");

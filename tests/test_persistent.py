@@ -64,10 +64,23 @@ def init_params(V, T, E, H, seed, M=1):
     return [torch.stack([p[i] for p in models]).contiguous() for i in range(5)]
 
 
-def reference_train(params, X, Y, batch_idx, lrs):
-    """The seed's loop in plain float32 PyTorch on given minibatches: -> (losses (S,), final params).
-    One intra-op thread: at these sizes a second one only adds fork/join overhead (10x on a busy 2-core box)."""
+def direct_forward(params, X, Y):
+    """The paper's model with direct connections, written out: logits = b2 + x @ W + tanh(x @ W1 + b1) @ U, where
+    W2 = [U; W] (H + T*E, V) -> (logits, mean cross-entropy)."""
+    C, W1, b1, W2, b2 = params
+    x = C[X].view(X.shape[0], -1)
+    H = W1.shape[1]
+    logits = torch.tanh(x @ W1 + b1) @ W2[:H] + x @ W2[H:] + b2
+    return logits, torch.nn.functional.cross_entropy(logits, Y)
+
+
+def reference_train(params, X, Y, batch_idx, lrs, weight_decay=0.0):
+    """The seed's loop in plain float32 PyTorch on given minibatches: -> (losses (S,), final params). W2 with T*E
+    more rows than W1 has columns: the direct connections (direct_forward). weight_decay: C, W1 and W2 first scaled
+    by 1 - lr * weight_decay. One intra-op thread: at these sizes a second one only adds fork/join overhead (10x on
+    a busy 2-core box)."""
     params = [p.detach().clone().requires_grad_() for p in params]
+    forward = direct_forward if params[3].shape[0] > params[1].shape[1] else reference.forward
     X, Y = X.long(), Y.long()
     losses = []
     threads = torch.get_num_threads()
@@ -75,11 +88,14 @@ def reference_train(params, X, Y, batch_idx, lrs):
     try:
         for i in range(batch_idx.shape[0]):
             ix = batch_idx[i]
-            _, loss = reference.forward(params, X[ix], Y[ix])
+            _, loss = forward(params, X[ix], Y[ix])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.add_(g, alpha=-float(lrs[i]))
+                lr = float(lrs[i])
+                for k, (p, g) in enumerate(zip(params, grads)):
+                    if weight_decay and k in (0, 1, 3):  # C, W1, W2: the weights, not the biases
+                        p.mul_(1.0 - lr * weight_decay)
+                    p.add_(g, alpha=-lr)
             losses.append(loss.detach())
     finally:
         torch.set_num_threads(threads)
@@ -203,6 +219,73 @@ def test_matches_reference_first_100_steps(device, gemm, V, T, E, H, B, index_dt
             assert err <= 1e-4, f"{name} after {stop} steps: relative error {err:.3g}"
         done = stop
     assert_close(torch.cat(losses), ref_losses, rtol=1e-4, name="per-step losses")
+
+
+def with_direct_rows(params, T, E, seed):
+    """params with T*E direct-connection rows appended to W2 (small random values: they must matter)."""
+    C, W1, b1, W2, b2 = params
+    g = torch.Generator().manual_seed(seed)
+    Wd = 0.1 * torch.randn((W2.shape[0], T * E, W2.shape[2]), generator=g)
+    return [C, W1, b1, torch.cat([W2, Wd], dim=1).contiguous(), b2]
+
+
+# The paper's additions: weight decay on C, W1 and W2 (a large one, so that it moves the weights visibly in 60
+# steps), the direct connections, both.
+PAPER_CASES = [pytest.param(False, 0.05, id="decay"), pytest.param(True, 0.0, id="direct"),
+               pytest.param(True, 0.05, id="direct-decay")]
+
+
+@pytest.mark.parametrize("device,gemm", IMPLS)
+@pytest.mark.parametrize("V,T,E,H,B", [SHAPES[1], SHAPES[3], SHAPES[4]])
+@pytest.mark.parametrize("direct,weight_decay", PAPER_CASES)
+def test_direct_connections_and_weight_decay_match_reference(device, gemm, V, T, E, H, B, direct, weight_decay,
+                                                             monkeypatch):
+    """sgd_train with W2 (M, H + T*E, V) and weight_decay: per-step losses and the final parameters match the plain
+    PyTorch loop of the paper's model (direct_forward, decay on the weights only) to <= 1e-4 relative. The CUDA
+    kernel has no direct connections: it says so."""
+    monkeypatch.setenv("CHARMLP_CPU_GEMM", gemm)
+    if runs_cuda_kernels(device):
+        reason, _ = ops.cuda_plan(V, T, E, H, B)
+        if reason:
+            pytest.skip(reason)
+    X, Y = make_data(V, T, 2000, seed=V + H)
+    params = init_params(V, T, E, H, seed=H)
+    if direct:
+        params = with_direct_rows(params, T, E, seed=V)
+    S = 60
+    batch_idx = torch.randint(0, X.shape[0], (S, B), generator=torch.Generator().manual_seed(B))
+    lrs = torch.linspace(0.2, 0.05, S)
+    dev_params = [p.to(device, copy=True) for p in params]
+    run = lambda: ops.sgd_train(dev_params, X.to(device), Y.to(device), lrs.to(device),  # noqa: E731
+                                batch_idx=batch_idx.to(device), batch_size=B, weight_decay=weight_decay)[0]
+    if direct and runs_cuda_kernels(device):
+        with pytest.raises(RuntimeError, match="the persistent CUDA kernel has no direct connections"):
+            run()
+        return
+    losses = run()
+    ref_losses, ref_params = reference_train([p[0] for p in params], X, Y, batch_idx, lrs, weight_decay)
+    assert_close(losses, ref_losses, rtol=1e-4, atol=1e-5, name="losses")
+    for name, p, q in zip(("C", "W1", "b1", "W2", "b2"), dev_params, ref_params):
+        assert rel_error(p[0], q) <= 1e-4, f"{name}: {rel_error(p[0], q):.2e}"
+    # Each addition changes the training: the run is not the plain model's.
+    _, plain = reference_train([p[0] for p in init_params(V, T, E, H, seed=H)], X, Y, batch_idx, lrs)
+    assert rel_error(dev_params[1][0], plain[1]) > 1e-3
+
+
+def test_weight_decay_and_direct_rows_are_checked():
+    V, T, E, H, B = 7, 2, 3, 5, 4
+    X, Y = make_data(V, T, 20, seed=0)
+    params = init_params(V, T, E, H, seed=0)
+    lrs = torch.full((3,), 0.1)
+    for wd in (-1e-3, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="weight_decay must be finite and >= 0"):
+            ops.sgd_train([p.clone() for p in params], X, Y, lrs, seeds=torch.tensor([1]), batch_size=B,
+                          weight_decay=wd)
+    C, W1, b1, W2, b2 = params
+    bad = torch.zeros((1, H + 1, V))  # neither H rows nor H + T*E
+    with pytest.raises(RuntimeError, match=r"W2 must have W1.size\(2\) \(hidden\) = 5 rows, or hidden \+ "
+                                           r"X.size\(1\) \* C.size\(2\) = 11"):
+        ops.sgd_train([C, W1, b1, bad, b2], X, Y, lrs, seeds=torch.tensor([1]), batch_size=B)
 
 
 def per_op_loss(params, X, Y, rows):
@@ -479,13 +562,13 @@ def test_graph_stepper_body_matches_persistent(device):
     V, T, E, H, B = 27, 3, 10, 200, 32
     X, Y = make_data(V, T, 4000, seed=16)
     X, Y = X.to(device), Y.to(device)
-    a, b = CharMLP(V, T, E, H).to(device), CharMLP(V, T, E, H).to(device)
+    a, b = CharMLP(V, T, E, H, kernels="fused").to(device), CharMLP(V, T, E, H).to(device)
     lrs = lr_schedule(0.1, 40, 0.01, 0, 60).to(device)
     seeds = torch.tensor([9], device=device)
     step = torch.tensor(5, device=device)
     losses = torch.empty(60, device=device)
-    fused_sgd_steps(a.params(), X, Y, seeds, step, lrs[:25], losses[:25], B)
-    fused_sgd_steps(a.params(), X, Y, seeds, step, lrs[25:], losses[25:], B)
+    fused_sgd_steps(a, X, Y, seeds, step, lrs[:25], losses[:25], B)
+    fused_sgd_steps(a, X, Y, seeds, step, lrs[25:], losses[25:], B)
     assert step.item() == 65
     expected = PersistentStepper(b, X, Y, B, seed=9).run(5, lrs.cpu())
     assert_close(losses, expected, rtol=1e-4, name="losses")
@@ -502,7 +585,7 @@ def test_graph_and_persistent_steppers_sample_the_same_minibatches():
     V, T, E, H, B = 27, 3, 10, 200, 32
     X, Y = make_data(V, T, 5000, seed=13)
     X, Y = X.cuda(), Y.cuda()
-    a, b = CharMLP(V, T, E, H).cuda(), CharMLP(V, T, E, H).cuda()
+    a, b = CharMLP(V, T, E, H, kernels="fused").cuda(), CharMLP(V, T, E, H).cuda()
     lrs = lr_schedule(0.1, 150, 0.01, 0, 250)
     lg = torch.cat([GraphStepper(a, X, Y, B, seed=3, steps_per_graph=40).run(0, lrs[:130]),
                     GraphStepper(a, X, Y, B, seed=3, steps_per_graph=40).run(130, lrs[130:])])

@@ -86,24 +86,27 @@ class StepperChoice:
     model_kernels: str
     cluster_size: int = 0
 
-    def build(self, model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int) -> Stepper:
+    def build(self, model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int,
+              weight_decay: float = 0.0) -> Stepper:
+        """The stepper of model; weight_decay: every step p -= lr * weight_decay * p for the weights (C, W1, W2),
+        not the biases."""
         if self.impl == "persistent":
-            return PersistentStepper(model, X, Y, batch_size, seed, self.cluster_size)
+            return PersistentStepper(model, X, Y, batch_size, seed, self.cluster_size, weight_decay)
         if self.impl == "graph":
-            return GraphStepper(model, X, Y, batch_size, seed)
-        return EagerStepper(model, X, Y, batch_size, seed)
+            return GraphStepper(model, X, Y, batch_size, seed, weight_decay=weight_decay)
+        return EagerStepper(model, X, Y, batch_size, seed, weight_decay)
 
 
 def select_stepper(impl: str, device: torch.device | str, sizes: Sizes | None = None, cluster_size: int = 0,
-                   auto: tuple[str, ...] = STEPPER_IMPLS) -> StepperChoice:
-    """The stepper of `impl` on `device` for sizes = (V, T, E, H, B), or for impl "auto" the first of `auto` that
-    can run (the fastest first). An explicit choice that cannot run raises StepperUnavailable saying why, never a
-    silent substitute."""
+                   auto: tuple[str, ...] = STEPPER_IMPLS, direct: bool = False) -> StepperChoice:
+    """The stepper of `impl` on `device` for sizes = (V, T, E, H, B) (direct: a model with direct connections),
+    or for impl "auto" the first of `auto` that can run (the fastest first). An explicit choice that cannot run
+    raises StepperUnavailable saying why, never a silent substitute."""
     device = torch.device(device)
     if impl == "auto":
-        impl = next(c for c in auto if unsupported_reason(c, device, sizes) is None)
+        impl = next(c for c in auto if unsupported_reason(c, device, sizes, direct=direct) is None)
     else:
-        reason = unsupported_reason(impl, device, sizes, cluster_size)
+        reason = unsupported_reason(impl, device, sizes, cluster_size, direct)
         if reason is not None:
             raise StepperUnavailable(impl, reason)
     return StepperChoice(impl, model_kernels(impl, device), cluster_size)

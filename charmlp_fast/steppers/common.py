@@ -2,6 +2,8 @@
 the transfer of a chunk's learning rates to the device."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from charmlp_fast import ops
@@ -17,9 +19,10 @@ def _not_built() -> str:
 
 
 def unsupported_reason(impl: str, device: torch.device | str, sizes: Sizes | None = None,
-                       cluster_size: int = 0) -> str | None:
-    """None when the step implementation `impl` can train a model of sizes = (V, T, E, H, B) on `device`, else a
-    one-line reason. sizes None checks only the build (the sizes matter to the persistent CUDA kernel alone)."""
+                       cluster_size: int = 0, direct: bool = False) -> str | None:
+    """None when the step implementation `impl` can train a model of sizes = (V, T, E, H, B) (direct: with direct
+    connections) on `device`, else a one-line reason. sizes None checks only the build (the sizes matter to the
+    persistent CUDA kernel alone)."""
     device = torch.device(device)
     if impl not in STEPPER_IMPLS:
         return f"unknown implementation {impl!r} (one of {', '.join(STEPPER_IMPLS)})"
@@ -53,6 +56,10 @@ def unsupported_reason(impl: str, device: torch.device | str, sizes: Sizes | Non
         return "charmlp_fast._C was built without its CUDA kernels"
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
+    if direct:
+        # W2's T*E direct rows would double the shared memory of a word-sized output layer, and such sizes do not
+        # fit the kernel anyway; the graph stepper trains them.
+        return "the persistent CUDA kernel has no direct connections (--direct): use --impl graph"
     if sizes is None:
         return None
     reason, _ = ops.cuda_plan(*sizes, device, cluster_size)
@@ -60,14 +67,21 @@ def unsupported_reason(impl: str, device: torch.device | str, sizes: Sizes | Non
 
 
 def check_supported(name: str, impl: str, device: torch.device, sizes: Sizes, X: torch.Tensor, Y: torch.Tensor,
-                    cluster_size: int = 0) -> None:
-    """A stepper's constructor check: ValueError naming the stepper when impl cannot run here, or when the data is
-    not on the model's device."""
-    reason = unsupported_reason(impl, device, sizes, cluster_size)
+                    cluster_size: int = 0, direct: bool = False, weight_decay: float = 0.0) -> None:
+    """A stepper's constructor check: ValueError naming the stepper when impl cannot run here, when the data is
+    not on the model's device, or for a weight decay that is negative or not finite."""
+    check_weight_decay(name, weight_decay)
+    reason = unsupported_reason(impl, device, sizes, cluster_size, direct)
     if reason is not None:
         raise ValueError(f"{name}: {reason}")
     if X.device != device or Y.device != device:
         raise ValueError(f"{name}: X and Y must be on the model's device {device}, got {X.device} and {Y.device}")
+
+
+def check_weight_decay(name: str, weight_decay: float) -> None:
+    """ValueError naming the stepper for a weight decay that is negative or not finite."""
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"{name}: weight_decay must be finite and >= 0, got {weight_decay}")
 
 
 class StatelessStepper:

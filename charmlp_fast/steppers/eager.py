@@ -4,15 +4,19 @@ from __future__ import annotations
 import torch
 
 from charmlp_fast.model import CharMLP
+from charmlp_fast.steppers.common import check_weight_decay
 
 
 class EagerStepper:
     """The seed's training loop: sample a minibatch, forward, backward, SGD update — one step per iteration.
     Minibatches come from torch.randint, so they differ from the Philox ones of the whole-loop steppers."""
 
-    def __init__(self, model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int,
+                 weight_decay: float = 0.0):
+        check_weight_decay("EagerStepper", weight_decay)
         self.model, self.X, self.Y, self.batch_size = model, X, Y, batch_size
-        self.params = model.params()
+        self.params, self.weight_decay = model.params(), weight_decay
+        self.weights = [model.C, model.W1, model.W2]  # what the weight decay shrinks (not the biases)
         # Minibatch indices come from a generator on the data's device: sampling never syncs with the host.
         self.generator = torch.Generator(device=X.device).manual_seed(seed)
 
@@ -31,6 +35,8 @@ class EagerStepper:
             _, loss = self.model(X[ix], Y[ix])
             grads = torch.autograd.grad(loss, self.params)
             with torch.no_grad():
+                if self.weight_decay:  # p -= lr * (g + wd * p), as decay * p - lr * g (the whole-loop kernels' form)
+                    torch._foreach_mul_(self.weights, 1.0 - lr * self.weight_decay)
                 torch._foreach_add_(self.params, grads, alpha=-lr)
             losses.append(loss.detach())
         return torch.stack(losses) if losses else torch.empty(0, device=X.device)

@@ -12,23 +12,25 @@ from charmlp_fast.model import CharMLP
 from charmlp_fast.steppers.common import StatelessStepper, check_supported, lrs_to_device
 
 
-def fused_sgd_steps(params: Sequence[torch.Tensor], X: torch.Tensor, Y: torch.Tensor, seeds: torch.Tensor,
-                    step: torch.Tensor, lrs: torch.Tensor, losses: torch.Tensor, batch_size: int) -> None:
+def fused_sgd_steps(model: CharMLP, X: torch.Tensor, Y: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor,
+                    lrs: torch.Tensor, losses: torch.Tensor, batch_size: int, weight_decay: float = 0.0) -> None:
     """k = len(lrs) SGD steps of one model with the fused per-op kernels, touching only tensors (no host values),
     so that it can be captured in a CUDA graph: the rows of steps step[0] .. step[0] + k - 1 from Philox
-    (seeds (1,)), then per step h = embed_linear_tanh, loss = linear_cross_entropy, gradients by autograd,
-    p -= lrs[j] * g, losses[j] = loss; finally step += k. params [C, W1, b1, W2, b2] require grad."""
+    (seeds (1,)), then per step loss = model(X, Y) (embed_linear_tanh, linear_cross_entropy), gradients by
+    autograd, p -= lrs[j] * (g + weight_decay * p) (the decay on C, W1, W2 only), losses[j] = loss; finally
+    step += k. The model's kernels are the fused ones and its parameters require grad."""
     k = lrs.shape[0]
-    C, W1, b1, W2, b2 = params
+    params, weights = model.params(), [model.C, model.W1, model.W2]
     rows = ops.philox_minibatch(seeds, step, k, batch_size, X.shape[0])[0]  # (k, B)
     Xb, Yb = X[rows], Y[rows]  # (k, B, T), (k, B)
     for j in range(k):
-        h = ops.embed_linear_tanh(Xb[j], C, W1, b1)
-        loss = ops.linear_cross_entropy(h, W2, b2, Yb[j])
+        _, loss = model(Xb[j], Yb[j])
         grads = list(torch.autograd.grad(loss, params))
         with torch.no_grad():
+            if weight_decay:
+                torch._foreach_mul_(weights, 1.0 - lrs[j] * weight_decay)
             torch._foreach_mul_(grads, lrs[j])
-            torch._foreach_sub_(list(params), grads)
+            torch._foreach_sub_(params, grads)
             losses[j].copy_(loss)
     with torch.no_grad():
         step.add_(k)
@@ -46,14 +48,17 @@ class GraphStepper(StatelessStepper):
     """
 
     def __init__(self, model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int,
-                 steps_per_graph: int = 100):
+                 steps_per_graph: int = 100, weight_decay: float = 0.0):
         device = model.C.device
-        check_supported("GraphStepper", "graph", device, model.sizes(batch_size), X, Y)
+        check_supported("GraphStepper", "graph", device, model.sizes(batch_size), X, Y, direct=model.direct,
+                        weight_decay=weight_decay)
+        if model.kernels != "fused":
+            raise ValueError("GraphStepper: the model's kernels must be the fused ones (CharMLP(kernels='fused'))")
         if steps_per_graph < 1:
             raise ValueError(f"steps_per_graph must be >= 1, got {steps_per_graph}")
         self.device, self.X, self.Y, self.N = device, X, Y, X.shape[0]
-        self.batch_size, self.steps_per_graph = batch_size, steps_per_graph
-        self.params = model.params()
+        self.batch_size, self.steps_per_graph, self.weight_decay = batch_size, steps_per_graph, weight_decay
+        self.model = model
         # Static buffers the graphs read and write: seeds (1,), the next step (a one-element counter the graph
         # advances), the learning rates and the losses of up to K steps.
         self.seeds = torch.tensor([seed], dtype=torch.int64, device=device)
@@ -64,8 +69,8 @@ class GraphStepper(StatelessStepper):
 
     def _steps(self, k: int) -> None:
         """k fused SGD steps reading only static buffers: the body that is captured."""
-        fused_sgd_steps(self.params, self.X, self.Y, self.seeds, self.step, self.lr_buf[:k], self.loss_buf[:k],
-                        self.batch_size)
+        fused_sgd_steps(self.model, self.X, self.Y, self.seeds, self.step, self.lr_buf[:k], self.loss_buf[:k],
+                        self.batch_size, self.weight_decay)
 
     def _graph(self, k: int) -> torch.cuda.CUDAGraph:
         graph = self.graphs.get(k)

@@ -59,6 +59,12 @@ class SequentialBlas {
 };
 
 constexpr int64_t kBlasTile = 256;  // at most this many rows (or columns) of out per BLAS call
+// A product of at least kSplitWork multiply-adds is cut into at least kMinTiles tiles (of >= kMinTileWidth rows or
+// columns), so that all cores share it even when out is small and the sum long: dL/dh = dl (B, V) @ W2 (V, H) of a
+// word vocabulary is one (32, 104) tile summed over 16,000 terms otherwise, on one core.
+constexpr int64_t kSplitWork = int64_t(1) << 22;
+constexpr int64_t kMinTiles = 4;
+constexpr int64_t kMinTileWidth = 16;
 
 // out (R, N) = beta * out + alpha * (a (R, K) @ b (K, N)), the products of the CPU loop's BLAS path (beta 0: out =
 // alpha * a @ b). Why not one BLAS call: the summation order of a call may depend on how many threads the library
@@ -72,7 +78,9 @@ void blas_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   const int64_t R = out.size(0), N = out.size(1), K = a.size(1);
   const bool by_rows = R >= N;
   const int64_t D = by_rows ? R : N;  // the dimension that is cut
-  const int64_t tiles = (D + kBlasTile - 1) / kBlasTile;
+  int64_t tiles = (D + kBlasTile - 1) / kBlasTile;
+  if (R * N * K >= kSplitWork) tiles = std::max(tiles, std::min(kMinTiles, D / kMinTileWidth));
+  tiles = std::max<int64_t>(tiles, 1);
   const int64_t tile = (D + tiles - 1) / tiles;  // tiles of (nearly) equal size: no sliver of a few rows at the end
   auto run = [&](int64_t lo, int64_t hi) {
     const SequentialBlas sequential;
@@ -111,16 +119,18 @@ cpu_train::CpuGemm gemm_choice() {
 at::Tensor sgd_train_cpu(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
                          const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
                          const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
-                         int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
+                         int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size,
+                         double weight_decay) {
   const SgdTrainShape s =
       check_sgd_train_args(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every,
-                           cluster_size);
+                           cluster_size, weight_decay);
   TORCH_CHECK(C.device().is_cpu(), "sgd_train (CPU kernel) got C on ", C.device());
   auto losses = at::empty({s.M, s.num_losses}, C.options());
   if (s.S == 0) return losses;
   const SgdTrainInputs inputs(X, Y, lrs, seeds, batch_idx);
-  const cpu_train::CpuTrainArgs a{inputs.args<void>(C, W1, b1, W2, b2, losses, s, start_step),
-                                  /*idx64=*/X.scalar_type() == at::kLong, s.M, s.V, s.E, s.T, s.H, s.B, gemm_choice()};
+  const cpu_train::CpuTrainArgs a{inputs.args<void>(C, W1, b1, W2, b2, losses, s, start_step, weight_decay),
+                                  /*idx64=*/X.scalar_type() == at::kLong, s.M, s.V, s.E, s.T, s.H, s.B, s.direct,
+                                  gemm_choice()};
   cpu_train::train_models(a, cpu::cpu_isa());
   return losses;
 }
@@ -170,12 +180,13 @@ const c10::TypedOperatorHandle<decltype(sgd_train_cpu)>& sgd_train_op() {
 at::Tensor sgd_train_ad_inplace(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
                                 const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
                                 const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
-                                int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
+                                int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size,
+                                double weight_decay) {
   at::Tensor losses;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     losses = sgd_train_op().call(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every,
-                                 cluster_size);
+                                 cluster_size, weight_decay);
   }
   for (const at::Tensor* p : {&C, &W1, &b1, &W2, &b2}) torch::autograd::impl::bump_version(*p);
   return losses;
@@ -186,7 +197,8 @@ at::Tensor sgd_train_ad_inplace(const at::Tensor& C, const at::Tensor& W1, const
 at::Tensor sgd_train_autograd(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
                               const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
                               const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
-                              int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
+                              int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size,
+                              double weight_decay) {
   if (at::GradMode::is_enabled()) {
     const char* names[5] = {"C", "W1", "b1", "W2", "b2"};
     const at::Tensor* params[5] = {&C, &W1, &b1, &W2, &b2};
@@ -198,7 +210,7 @@ at::Tensor sgd_train_autograd(const at::Tensor& C, const at::Tensor& W1, const a
   }
   at::AutoDispatchBelowAutograd guard;
   return sgd_train_op().call(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every,
-                             cluster_size);
+                             cluster_size, weight_decay);
 }
 
 }  // namespace

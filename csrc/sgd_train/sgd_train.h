@@ -19,6 +19,7 @@
 #include <c10/util/MaybeOwned.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -105,7 +106,9 @@ struct SgdTrainShape {
   int64_t lr_model_stride;   // 0 when one lr schedule (S,) is shared by all models, S for (M, S)
   int64_t idx_model_stride;  // same for batch_idx: 0 for (S, B), S * B for (M, S, B)
   bool use_seeds;            // rows drawn by Philox from seeds (M,), else read from batch_idx
+  bool direct;               // W2 holds the direct connections (T*E rows after its H hidden rows)
   int64_t TE() const { return T * E; }
+  int64_t W2_rows() const { return direct ? H + T * E : H; }
 };
 
 // Checks every argument of charmlp::sgd_train (see csrc/schemas.h for the schema) and returns the sizes.
@@ -117,8 +120,11 @@ inline SgdTrainShape check_sgd_train_args(const at::Tensor& C, const at::Tensor&
                                           const at::Tensor& Y, const at::Tensor& lrs,
                                           const std::optional<at::Tensor>& seeds,
                                           const std::optional<at::Tensor>& batch_idx, int64_t start_step,
-                                          int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
+                                          int64_t batch_size, int64_t loss_every, int64_t cluster_size,
+                                          double weight_decay) {
   TORCH_CHECK(valid_cluster_size(cluster_size), kClusterSizeRule, ", got ", cluster_size);
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0, "weight_decay must be finite and >= 0, got ",
+              weight_decay);
   check_dim(C, 3, "C");
   check_dim(W1, 3, "W1");
   check_dim(b1, 2, "b1");
@@ -152,7 +158,11 @@ inline SgdTrainShape check_sgd_train_args(const at::Tensor& C, const at::Tensor&
   check_size(b1, 0, s.M, "b1", "C.size(0) (models)");
   check_size(b1, 1, s.H, "b1", "W1.size(2) (hidden)");
   check_size(W2, 0, s.M, "W2", "C.size(0) (models)");
-  check_size(W2, 1, s.H, "W2", "W1.size(2) (hidden)");
+  // W2 (M, H, V), or (M, H + T*E, V) with the direct connections x -> logits in its last T*E rows.
+  s.direct = W2.size(1) == s.H + s.T * s.E;
+  TORCH_CHECK(W2.size(1) == s.H || s.direct, "W2 must have W1.size(2) (hidden) = ", s.H,
+              " rows, or hidden + X.size(1) * C.size(2) = ", s.H + s.T * s.E,
+              " with the direct connections, at dim 1; got shape ", W2.sizes());
   check_size(W2, 2, s.V, "W2", "C.size(1) (vocab)");
   check_size(b2, 0, s.M, "b2", "C.size(0) (models)");
   check_size(b2, 1, s.V, "b2", "C.size(1) (vocab)");
@@ -226,7 +236,7 @@ inline void check_philox_minibatch_args(const at::Tensor& seeds, const at::Tenso
 // index dtype inside each instruction-set clone); the CUDA kernel takes the index type as a template argument.
 template <typename index_t>
 struct SgdTrainArgs {
-  float *C, *W1, *b1, *W2, *b2;  // (M, V, E), (M, TE, H), (M, H), (M, H, V), (M, V): updated in place
+  float *C, *W1, *b1, *W2, *b2;  // (M, V, E), (M, TE, H), (M, H), (M, H [+ TE], V), (M, V): updated in place
   const index_t* X;              // (N, T)
   const index_t* Y;              // (N,)
   const float* lrs;              // (S,) or (M, S)
@@ -236,6 +246,7 @@ struct SgdTrainArgs {
   int64_t idx_stride;            // 0 or S * B
   float* losses;                 // (M, num_losses)
   int64_t N, S, start_step, loss_every, num_losses;
+  float weight_decay;  // per step, C, W1 and W2 -= lr * weight_decay * themselves (not the biases)
 };
 
 // The read-only inputs as contiguous tensors (borrowed when they already are, copied otherwise), kept alive for
@@ -253,7 +264,7 @@ struct SgdTrainInputs {
   template <typename index_t>
   SgdTrainArgs<index_t> args(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
                              const at::Tensor& b2, const at::Tensor& losses, const SgdTrainShape& s,
-                             int64_t start_step) const {
+                             int64_t start_step, double weight_decay) const {
     SgdTrainArgs<index_t> a{};
     a.C = C.data_ptr<float>();
     a.W1 = W1.data_ptr<float>();
@@ -273,6 +284,7 @@ struct SgdTrainInputs {
     a.start_step = start_step;
     a.loss_every = s.loss_every;
     a.num_losses = s.num_losses;
+    a.weight_decay = static_cast<float>(weight_decay);
     return a;
   }
 };

@@ -51,6 +51,7 @@ enum class CpuGemm { kAuto, kSimd, kBlas };
 struct CpuTrainArgs : SgdTrainArgs<void> {
   bool idx64;  // X and Y are int64 (else int32)
   int64_t M, V, E, T, H, B;
+  bool direct;  // W2 (H + TE, V): its last TE rows are the direct connections x -> logits
   CpuGemm gemm;
 };
 
@@ -65,7 +66,7 @@ constexpr int64_t kBlasWork = int64_t(2) << 20;
 // Model m's slices of the call's operands.
 template <typename index_t>
 struct Model {
-  float *C, *W1, *b1, *W2, *b2;  // (V, E), (TE, H), (H), (H, V), (V)
+  float *C, *W1, *b1, *W2, *b2;  // (V, E), (TE, H), (H), (H [+ TE], V), (V)
   const index_t* X;              // (N, T)
   const index_t* Y;              // (N)
   const float* lrs;              // (S)
@@ -77,7 +78,7 @@ struct Model {
       : C(a.C + m * a.V * a.E),
         W1(a.W1 + m * a.T * a.E * a.H),
         b1(a.b1 + m * a.H),
-        W2(a.W2 + m * a.H * a.V),
+        W2(a.W2 + m * (a.direct ? a.H + a.T * a.E : a.H) * a.V),
         b2(a.b2 + m * a.V),
         X(static_cast<const index_t*>(a.X)),
         Y(static_cast<const index_t*>(a.Y)),
@@ -92,12 +93,14 @@ struct Model {
 // products' operands are aligned the same way in every call, whichever model of a call they belong to.
 struct Workspace {
   int64_t B, T, E, TE, H, V, Hp, Vp;
+  bool direct;
+  at::Tensor t_WdT;        // the direct connections transposed (Vp, TE), when direct (else empty)
   at::Tensor t_W1p, t_b1p, t_W2T, t_h, t_g, t_x, t_xT, t_logit, t_dlT, t_dx, t_dC, t_rowloss;
   float *W1p, *b1p, *W2T;  // W1 (TE, Hp), b1 (Hp), W2 transposed (Vp, Hp): the parameters during the call
   float *h, *g;            // tanh activations (B, Hp); dpre = dL/d(pre-activation) (B, Hp)
   float *x, *xT;           // gathered embeddings (B, TE), and transposed (TE, B)
   float* logit;            // logits -> dL/dlogits (B, Vp)
-  float* dlT;              // dL/dlogits transposed (V, B)
+  float* dlT;              // dL/dlogits transposed (V, B) for the SIMD W2 update, then its column sums (V)
   float *dx, *dC;          // dL/dx (B, TE); dL/dC (V, E)
   float* rowloss;          // (B)
   std::vector<int64_t> tok, tgt;  // the step's tokens (B * T) and targets (B)
@@ -106,8 +109,9 @@ struct Workspace {
   // w: floats per vector of the ISA (the padding unit)
   Workspace(const CpuTrainArgs& a, int64_t w)
       : B(a.B), T(a.T), E(a.E), TE(a.T * a.E), H(a.H), V(a.V), Hp((a.H + w - 1) / w * w), Vp((a.V + w - 1) / w * w),
-        tok(a.B * a.T), tgt(a.B), rows(2 * a.B) {
+        direct(a.direct), tok(a.B * a.T), tgt(a.B), rows(2 * a.B) {
     const auto zeros = [](int64_t n) { return at::zeros({n}, at::TensorOptions().dtype(at::kFloat)); };
+    t_WdT = zeros(direct ? Vp * TE : 0).view({direct ? Vp : 0, TE});
     W1p = (t_W1p = zeros(TE * Hp)).data_ptr<float>();
     b1p = (t_b1p = zeros(Hp)).data_ptr<float>();
     W2T = (t_W2T = zeros(Vp * Hp)).data_ptr<float>();
@@ -276,17 +280,18 @@ struct Kernels {
     }
   }
 
-  // Wt (rows, Hp) -= lr * (At @ G), At (rows, B) and G (B, Hp): the SGD update of a weight matrix fused into its
-  // gradient product, so that the gradient never exists.
+  // Wt (rows, Hp) = decay * Wt - lr * (At @ G), At (rows, B) and G (B, Hp): the SGD update of a weight matrix
+  // (with weight decay: decay = 1 - lr * weight_decay) fused into its gradient product, so that the gradient never
+  // exists.
   static CHARMLP_CPU_INLINE void sgd_update(float* Wt, int64_t rows, const float* At, const float* G, int64_t B,
-                                            int64_t Hp, float lr) {
-    const vf neg_lr = S::set1(-lr);
+                                            int64_t Hp, float lr, float decay) {
+    const vf neg_lr = S::set1(-lr), keep = S::set1(decay);
     maybe_parallel((rows + kBcastRows - 1) / kBcastRows, rows * B * Hp, [&](int64_t lo, int64_t hi)
                                                                            CHARMLP_CPU_INLINE_LAMBDA {
       gemm_bcast(lo * kBcastRows, std::min(hi * kBcastRows, rows), B, At, B, G, Hp, Hp,
                  [&](int64_t r, int64_t c, const vf& s) CHARMLP_CPU_INLINE_LAMBDA {
                    float* p = Wt + r * Hp + c;
-                   S::store(p, S::fma(neg_lr, s, S::load(p)));
+                   S::store(p, S::fma(neg_lr, s, S::load(p) * keep));
                  });
     });
   }
@@ -295,7 +300,9 @@ struct Kernels {
 // ---- the products policies: the same six products, register-tiled or through BLAS -----------------------------
 // Each writes exactly what its BLAS twin writes: hidden (h = tanh(x @ W1p + b1p), (B, Hp), padding columns
 // tanh(0) = 0), logits (h @ W2T^T + b2 into the first V columns of logit), dpre (g = (dl @ W2T) * (1 - h^2)),
-// update_W2 (W2T -= lr dl^T @ h), dx (dx = g @ W1p^T), update_W1 (W1p -= lr x^T @ g).
+// update_W2 (W2T = decay W2T - lr dl^T @ h), dx (dx = g @ W1p^T), update_W1 (W1p = decay W1p - lr x^T @ g).
+// The direct connections, when a model has them, are three more products outside the policies (direct_logits,
+// direct_backward): always BLAS, as the sizes that want them (word vocabularies) are BLAS sizes.
 
 template <cpu::Isa I>
 struct SimdProducts {
@@ -332,8 +339,11 @@ struct SimdProducts {
                     });
     });
   }
-  static CHARMLP_CPU_INLINE void update_W2(Workspace& ws, float lr) {
-    K::sgd_update(ws.W2T, ws.V, ws.dlT, ws.h, ws.B, ws.Hp, lr);
+  static CHARMLP_CPU_INLINE void update_W2(Workspace& ws, float lr, float decay) {
+    const int64_t B = ws.B, V = ws.V;
+    for (int64_t b = 0; b < B; ++b)  // the broadcast product wants dl^T (V, B)
+      for (int64_t v = 0; v < V; ++v) ws.dlT[v * B + b] = ws.logit[b * ws.Vp + v];
+    K::sgd_update(ws.W2T, V, ws.dlT, ws.h, B, ws.Hp, lr, decay);
   }
   static CHARMLP_CPU_INLINE void dx(Workspace& ws) {
     const int64_t B = ws.B, TE = ws.TE, Hp = ws.Hp;
@@ -342,8 +352,8 @@ struct SimdProducts {
                   [&](int64_t r, int64_t c, float s) CHARMLP_CPU_INLINE_LAMBDA { ws.dx[r * TE + c] = s; });
     });
   }
-  static CHARMLP_CPU_INLINE void update_W1(Workspace& ws, float lr) {
-    K::sgd_update(ws.W1p, ws.TE, ws.xT, ws.g, ws.B, ws.Hp, lr);
+  static CHARMLP_CPU_INLINE void update_W1(Workspace& ws, float lr, float decay) {
+    K::sgd_update(ws.W1p, ws.TE, ws.xT, ws.g, ws.B, ws.Hp, lr, decay);
   }
 };
 
@@ -379,15 +389,16 @@ struct BlasProducts {
         }
     });
   }
-  static CHARMLP_CPU_INLINE void update_W2(Workspace& ws, float lr) {
-    blas_gemm(ws.t_W2T.view({ws.Vp, ws.Hp}), ws.t_logit.view({ws.B, ws.Vp}).t(), ws.t_h.view({ws.B, ws.Hp}), 1.0f,
+  static CHARMLP_CPU_INLINE void update_W2(Workspace& ws, float lr, float decay) {
+    blas_gemm(ws.t_W2T.view({ws.Vp, ws.Hp}), ws.t_logit.view({ws.B, ws.Vp}).t(), ws.t_h.view({ws.B, ws.Hp}), decay,
               -lr);
   }
   static CHARMLP_CPU_INLINE void dx(Workspace& ws) {
     blas_gemm(ws.t_dx.view({ws.B, ws.TE}), ws.t_g.view({ws.B, ws.Hp}), ws.t_W1p.view({ws.TE, ws.Hp}).t());
   }
-  static CHARMLP_CPU_INLINE void update_W1(Workspace& ws, float lr) {
-    blas_gemm(ws.t_W1p.view({ws.TE, ws.Hp}), ws.t_x.view({ws.B, ws.TE}).t(), ws.t_g.view({ws.B, ws.Hp}), 1.0f, -lr);
+  static CHARMLP_CPU_INLINE void update_W1(Workspace& ws, float lr, float decay) {
+    blas_gemm(ws.t_W1p.view({ws.TE, ws.Hp}), ws.t_x.view({ws.B, ws.TE}).t(), ws.t_g.view({ws.B, ws.Hp}), decay,
+              -lr);
   }
 };
 
@@ -400,6 +411,10 @@ void load_parameters(const Model<index_t>& md, Workspace& ws) {
   std::copy(md.b1, md.b1 + ws.H, ws.b1p);
   for (int64_t j = 0; j < ws.H; ++j)
     for (int64_t v = 0; v < ws.V; ++v) ws.W2T[v * ws.Hp + j] = md.W2[j * ws.V + v];
+  float* WdT = ws.t_WdT.data_ptr<float>();
+  const float* Wd = md.W2 + ws.H * ws.V;  // the direct rows (TE, V), when there are any
+  for (int64_t k = 0; k < (ws.direct ? ws.TE : 0); ++k)
+    for (int64_t v = 0; v < ws.V; ++v) WdT[v * ws.TE + k] = Wd[k * ws.V + v];
 }
 
 template <typename index_t>
@@ -408,6 +423,10 @@ void store_parameters(const Model<index_t>& md, const Workspace& ws) {
   std::copy(ws.b1p, ws.b1p + ws.H, md.b1);
   for (int64_t j = 0; j < ws.H; ++j)
     for (int64_t v = 0; v < ws.V; ++v) md.W2[j * ws.V + v] = ws.W2T[v * ws.Hp + j];
+  const float* WdT = ws.t_WdT.data_ptr<float>();
+  float* Wd = md.W2 + ws.H * ws.V;
+  for (int64_t k = 0; k < (ws.direct ? ws.TE : 0); ++k)
+    for (int64_t v = 0; v < ws.V; ++v) Wd[k * ws.V + v] = WdT[v * ws.TE + k];
 }
 
 // The minibatch rows of step i into ws.rows; drawn one step ahead, so that their rows of X and Y are prefetched
@@ -448,11 +467,24 @@ void gather(const Model<index_t>& md, Workspace& ws, int64_t i) {
   }
 }
 
-// h = tanh(x @ W1p + b1p) (B, Hp) and the logits h @ W2T^T + b2 (B, V of Vp).
+// The paper's direct connections (Bengio et al. 2003, y = b + W x + U tanh(d + H x)), when the model has them:
+// logits += x @ Wd (B, Vp; Wd's padding rows are zero, so the padding columns stay zero) ...
+CHARMLP_CPU_INLINE void direct_logits(Workspace& ws) {
+  blas_gemm(ws.t_logit.view({ws.B, ws.Vp}), ws.t_x.view({ws.B, ws.TE}), ws.t_WdT.t(), 1.0f);
+}
+// ... and, given dL/dlogits in logit, dx += dl @ Wd^T (before Wd changes), then Wd = decay Wd - lr x^T @ dl.
+CHARMLP_CPU_INLINE void direct_backward(Workspace& ws, float lr, float decay) {
+  const at::Tensor dl = ws.t_logit.view({ws.B, ws.Vp});
+  blas_gemm(ws.t_dx.view({ws.B, ws.TE}), dl, ws.t_WdT, 1.0f);
+  blas_gemm(ws.t_WdT, dl.t(), ws.t_x.view({ws.B, ws.TE}), decay, -lr);
+}
+
+// h = tanh(x @ W1p + b1p) (B, Hp) and the logits h @ W2T^T + b2 [+ x @ Wd] (B, V of Vp).
 template <class P>
 CHARMLP_CPU_INLINE void hidden_layer(Workspace& ws, const float* b2) {
   P::hidden(ws);
   P::logits(ws, b2);
+  if (ws.direct) direct_logits(ws);
 }
 
 // Softmax cross-entropy of every row, the per-op row function (cpu/softmax_rows.h): the row's loss, and
@@ -487,24 +519,27 @@ inline void loss_window(const CpuTrainArgs& a, int64_t m, int64_t i, float step_
   }
 }
 
-// The backward and the SGD update of W1, b1, W2, b2, in the order that reads every weight before it changes:
-// dpre (needs the old W2T), W2T and b2, dx (needs the old W1p), W1p and b1p.
+// The backward and the SGD update of W1, b1, W2, b2 (and the direct connections), in the order that reads every
+// weight before it changes: dpre (needs the old W2T), W2T and b2, dx (needs the old W1p and Wd), Wd, W1p and b1p.
+// decay = 1 - lr * weight_decay scales the weights (not the biases) in their updates.
 template <cpu::Isa I, class P>
-CHARMLP_CPU_INLINE void backward_products(Workspace& ws, float* b2, float lr) {
+CHARMLP_CPU_INLINE void backward_products(Workspace& ws, float* b2, float lr, float decay) {
   using S = typename Kernels<I>::S;
   using vf = typename S::V;
   const int64_t B = ws.B, V = ws.V, Hp = ws.Hp;
   P::dpre(ws);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t v = 0; v < V; ++v) ws.dlT[v * B + b] = ws.logit[b * ws.Vp + v];
-  P::update_W2(ws, lr);
-  for (int64_t v = 0; v < V; ++v) {
-    float s = 0.f;
-    for (int64_t b = 0; b < B; ++b) s += ws.dlT[v * B + b];
-    b2[v] -= lr * s;
+  P::update_W2(ws, lr, decay);
+  // b2 -= lr * (the column sums of dl), summed over b in order, row by row along the contiguous logits.
+  float* colsum = ws.dlT;  // free again after update_W2: V floats of it
+  std::fill(colsum, colsum + V, 0.f);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = ws.logit + b * ws.Vp;
+    for (int64_t v = 0; v < V; ++v) colsum[v] += row[v];
   }
+  for (int64_t v = 0; v < V; ++v) b2[v] -= lr * colsum[v];
   P::dx(ws);
-  P::update_W1(ws, lr);
+  if (ws.direct) direct_backward(ws, lr, decay);
+  P::update_W1(ws, lr, decay);
   const vf neg_lr = S::set1(-lr);
   for (int64_t c = 0; c < Hp; c += S::N) {
     vf s = {};
@@ -513,9 +548,9 @@ CHARMLP_CPU_INLINE void backward_products(Workspace& ws, float* b2, float lr) {
   }
 }
 
-// C -= lr * dC, dC = the rows of dx scattered onto their tokens (in (b, t) order: deterministic).
+// C = decay * C - lr * dC, dC = the rows of dx scattered onto their tokens (in (b, t) order: deterministic).
 template <typename index_t>
-void embedding_update(const Model<index_t>& md, Workspace& ws, float lr) {
+void embedding_update(const Model<index_t>& md, Workspace& ws, float lr, float decay) {
   const int64_t E = ws.E;
   for (int64_t p = 0; p < ws.B * ws.T; ++p) {
     float* dst = ws.dC + ws.tok[p] * E;
@@ -523,7 +558,7 @@ void embedding_update(const Model<index_t>& md, Workspace& ws, float lr) {
     for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
   }
   for (int64_t q = 0; q < ws.V * E; ++q) {
-    md.C[q] -= lr * ws.dC[q];
+    md.C[q] = md.C[q] * decay - lr * ws.dC[q];
     ws.dC[q] = 0.f;
   }
 }
@@ -539,13 +574,13 @@ CHARMLP_CPU_INLINE void train_one_model(const CpuTrainArgs& a, int64_t m) {
   LossWindow window;
   if (a.S > 0) draw_minibatch(a, md, ws, 0);
   for (int64_t i = 0; i < a.S; ++i) {
-    const float lr = md.lrs[i];
+    const float lr = md.lrs[i], decay = 1.0f - lr * a.weight_decay;
     gather(md, ws, i);
     if (i + 1 < a.S) draw_minibatch(a, md, ws, i + 1);
     hidden_layer<P>(ws, md.b2);
     const float step_loss = softmax_rows<I>(ws);
-    backward_products<I, P>(ws, md.b2, lr);
-    embedding_update(md, ws, lr);
+    backward_products<I, P>(ws, md.b2, lr, decay);
+    embedding_update(md, ws, lr, decay);
     loss_window(a, m, i, step_loss, window);
   }
   store_parameters(md, ws);

@@ -439,12 +439,15 @@ __device__ __forceinline__ void loss_window(const PersistentLayout& L, const Sgd
 // embedding_update). Three stages, two barriers inside (the second a cluster barrier: dx sums over the slices):
 //   1. dpre = (dl @ W2[slice, :]^T) * (1 - h^2)  (B, nh)
 //   2. partial dx = dpre @ W1[:, slice]^T (B, TE) per split-K group, before W1 changes; and the updates that need
-//      nothing more: W2[slice] -= lr * h^T @ dl, b2 -= lr * sum_b dl (every block, identically),
+//      nothing more: W2[slice] = decay * W2[slice] - lr * h^T @ dl, b2 -= lr * sum_b dl (every block, identically),
 //      b1[slice] -= lr * sum_b dpre
-//   3. W1[:, slice] -= lr * x^T @ dpre; dx = sum over (block, group) of the partials, in that order.
+//   3. W1[:, slice] = decay * W1[:, slice] - lr * x^T @ dpre; dx = sum over (block, group) of the partials, in that
+//      order.
+// decay = 1 - lr * weight_decay: the weight decay of the weights (not of the biases).
 // The items of stages 2 and 3 continue one numbering (first_item), so no thread gets two tiles while another idles.
 template <int CS, typename index_t>
-__device__ __forceinline__ void backward_products(const PersistentLayout& L, const BlockState<index_t>& s, float lr) {
+__device__ __forceinline__ void backward_products(const PersistentLayout& L, const BlockState<index_t>& s, float lr,
+                                                  float decay) {
   const int B = L.B, TE = L.TE, V = L.V, ldw1 = L.ldw1, ldw2 = L.ldw2, ldh = L.ldh, nh = s.nh;
   const float *sH = s.H, *sL = s.L, *sX = s.X;
   float *sG = s.G, *sW1 = s.W1, *sW2 = s.W2, *sDXp = s.DXp;
@@ -462,7 +465,7 @@ __device__ __forceinline__ void backward_products(const PersistentLayout& L, con
       [&](int g, int m, int n, float v) { sDXp[(g * B + m) * TE + n] = v; });
   base += phase_product(
       base, nh, V, B, 1, [&](int m, int k) { return sH[k * ldh + m]; }, [&](int k, int n) { return sL[k * V + n]; },
-      [&](int, int m, int n, float v) { sW2[m * ldw2 + n] -= lr * v; });
+      [&](int, int m, int n, float v) { sW2[m * ldw2 + n] = sW2[m * ldw2 + n] * decay - lr * v; });
   for (int v = first_item(base); v < V; v += kThreads) {
     float sum = 0.f;
     for (int b = 0; b < B; ++b) sum += sL[b * V + v];
@@ -478,7 +481,7 @@ __device__ __forceinline__ void backward_products(const PersistentLayout& L, con
 
   base = phase_product(
       0, TE, nh, B, 1, [&](int m, int k) { return sX[k * TE + m]; }, [&](int k, int n) { return sG[k * ldh + n]; },
-      [&](int, int m, int n, float v) { sW1[m * ldw1 + n] -= lr * v; });
+      [&](int, int m, int n, float v) { sW1[m * ldw1 + n] = sW1[m * ldw1 + n] * decay - lr * v; });
   for (int q = first_item(base); q < B * TE; q += kThreads) {
     float sum = 0.f;
     for (int r = 0; r < CS; ++r) {
@@ -489,11 +492,11 @@ __device__ __forceinline__ void backward_products(const PersistentLayout& L, con
   }
 }
 
-// embedding_update: C -= lr * dC. One warp per token v gathers the dx rows (E,) of the positions holding v (a warp
+// embedding_update: C = decay * C - lr * dC. One warp per token v gathers the dx rows (E,) of the positions holding v (a warp
 // ballot over the B*T positions, in position order: deterministic, no atomics), lanes over the embedding.
 template <typename index_t>
 __device__ __forceinline__ void embedding_update(const PersistentLayout& L, const BlockState<index_t>& s,
-                                                 const index_t* tok, float lr) {
+                                                 const index_t* tok, float lr, float decay) {
   const int V = L.V, E = L.E, BT = L.B * L.T;
   const int lane = threadIdx.x & 31;
   for (int v = threadIdx.x >> 5; v < V; v += kWarps) {
@@ -509,8 +512,9 @@ __device__ __forceinline__ void embedding_update(const PersistentLayout& L, cons
           if (e0 + 32 + lane < E) acc1 += s.DX[q * E + e0 + 32 + lane];
         }
       }
-      if (e0 + lane < E) s.C[v * E + e0 + lane] -= lr * acc0;
-      if (e0 + 32 + lane < E) s.C[v * E + e0 + 32 + lane] -= lr * acc1;
+      float* c = s.C + v * E + e0 + lane;
+      if (e0 + lane < E) c[0] = c[0] * decay - lr * acc0;
+      if (e0 + 32 + lane < E) c[32] = c[32] * decay - lr * acc1;
     }
   }
 }
@@ -534,16 +538,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t i = 0; i < a.S; ++i) {
     const index_t* tok = s.tok + (i & 1) * L.B * L.T;  // (B, T) this step's contexts
     const index_t* tgt = s.tgt + (i & 1) * L.B;        // (B,) their targets
-    const float lr = lrs[i];
+    const float lr = lrs[i], decay = 1.f - lr * a.weight_decay;
     if (i + 1 < a.S) draw_minibatch<Seeded>(L, a, model, i + 1, s);
     hidden_layer(L, s, tok);
     __syncthreads();
     softmax_rows<CS>(L, s, tgt);
     __syncthreads();
     loss_window(L, a, model, i, s, window);  // warp 0, before its share of backward_products
-    backward_products<CS>(L, s, lr);
+    backward_products<CS>(L, s, lr, decay);
     __syncthreads();
-    embedding_update(L, s, tok, lr);
+    embedding_update(L, s, tok, lr, decay);
     __pipeline_wait_prior(0);  // the next step's minibatch has landed
     __syncthreads();
   }
@@ -596,11 +600,15 @@ bool launch_persistent_cs(const PersistentLayout& L, const SgdTrainArgs<index_t>
 at::Tensor sgd_train_cuda(const at::Tensor& C, const at::Tensor& W1, const at::Tensor& b1, const at::Tensor& W2,
                           const at::Tensor& b2, const at::Tensor& X, const at::Tensor& Y, const at::Tensor& lrs,
                           const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& batch_idx,
-                          int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size) {
+                          int64_t start_step, int64_t batch_size, int64_t loss_every, int64_t cluster_size,
+                         double weight_decay) {
   const SgdTrainShape s =
       check_sgd_train_args(C, W1, b1, W2, b2, X, Y, lrs, seeds, batch_idx, start_step, batch_size, loss_every,
-                           cluster_size);
+                           cluster_size, weight_decay);
   TORCH_CHECK(cuda::on_kernel_device(C), "sgd_train (CUDA kernel) got C on ", C.device());
+  TORCH_CHECK(!s.direct, "sgd_train: the persistent CUDA kernel has no direct connections (W2 of shape ", W2.sizes(),
+              " holds them after its ", s.H, " hidden rows); train such a model with the CUDA-graph stepper "
+              "(charmlp_fast.steppers.GraphStepper, --impl graph)");
   const cuda::DeviceGuard guard(C.device());
   auto losses = at::empty({s.M, s.num_losses}, C.options());
   if (s.S == 0) return losses;
@@ -622,7 +630,7 @@ at::Tensor sgd_train_cuda(const at::Tensor& C, const at::Tensor& W1, const at::T
 
   auto run = [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    const SgdTrainArgs<index_t> a = inputs.args<index_t>(C, W1, b1, W2, b2, losses, s, start_step);
+    const SgdTrainArgs<index_t> a = inputs.args<index_t>(C, W1, b1, W2, b2, losses, s, start_step, weight_decay);
     // A cluster that fits the per-block limits may still not be schedulable where the GPU is partitioned or shared
     // (MIG, MPS). With cluster_size = 0 (auto) fall back to smaller clusters (more shared memory per block), as the
     // caller asked for any that works; a cluster size the caller chose is an error instead.

@@ -73,7 +73,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--num-samples", type=non_negative_int, help=f"names to sample at the end (default {d.num_samples})")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write loss.png / embedding.png")
     p.add_argument("--resume", help="continue from this checkpoint: same model, data and schedule; "
-                                    "--steps sets the new total")
+                                    "--steps (or --epochs) sets the new total")
     return p
 
 

@@ -63,10 +63,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--eval-every", type=non_negative_int,
                    help="evaluate the dev loss and write a checkpoint every N steps (default: only at the end; "
                         "with --epochs, every epoch)")
-    p.add_argument("--epochs", type=positive_int,
+    p.add_argument("--epochs", type=positive_int, metavar="N",
                    help="train N epochs instead of --steps: an epoch is ceil(training examples / --batch-size) steps "
                         "(minibatches are drawn with replacement, so not one pass over every example)")
-    p.add_argument("--patience", type=positive_int,
+    p.add_argument("--patience", type=positive_int, metavar="K",
                    help="early stopping: stop when the dev loss has not improved for K evaluations in a row "
                         "(needs --epochs or --eval-every); the final metrics are those of best.safetensors")
     p.add_argument("--out", help=f"output directory (default {d.out})")

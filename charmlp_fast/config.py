@@ -34,7 +34,8 @@ class TrainConfig:
     n_hidden: int = 200  # H: tanh hidden units
     direct: bool = False  # the paper's direct connections from the context to the output: y = b + W x + U tanh(...)
     batch_size: int = 32  # B: minibatch size
-    steps: int = 200_000  # total SGD steps (a resumed run continues up to this)
+    steps: int = 200_000  # total SGD steps (a resumed run continues up to this); derived from epochs when set
+    epochs: int | None = None  # train epochs x steps_per_epoch steps (one epoch: ceil(train examples / batch_size))
     lr: float = 0.1  # learning rate before lr_decay_step (step) / at step 0 (inverse)
     lr_schedule: str = "step"  # step: lr, then lr_after from lr_decay_step (the seed); inverse: lr / (1 + r t)
     lr_decay_step: int = 100_000  # step schedule: the first step that uses lr_after
@@ -45,7 +46,8 @@ class TrainConfig:
     init: str | None = None  # seed | scaled (model.init_params); None: seed for chars, scaled for words (init_of)
     device: str = "auto"  # auto | cpu | cuda[:N]
     impl: str = "auto"  # the stepper: reference | fused | graph | persistent | auto (steppers.select_stepper)
-    eval_every: int = 0  # steps between dev-loss evaluations (and checkpoints); 0 = only at the end
+    eval_every: int = 0  # steps between dev-loss evaluations (and checkpoints); 0 = only at the end (epochs: one)
+    patience: int | None = None  # early stopping: stop after this many dev evaluations without a new best
     log_every: int = 1_000  # steps per chunk: how often the loss is read back (the only host syncs)
     out: str = "out"  # directory for model.safetensors, metrics.json, metrics.jsonl and the plots
     num_samples: int = 20  # names sampled at the end
@@ -55,8 +57,8 @@ class TrainConfig:
 
 
 # Fields a resumed run may change; all others define the run and must match the checkpoint.
-RESUMABLE_OVERRIDES = {"steps", "device", "impl", "eval_every", "log_every", "out", "num_samples", "plots", "resume",
-                       "threads"}
+RESUMABLE_OVERRIDES = {"steps", "epochs", "patience", "device", "impl", "eval_every", "log_every", "out", "num_samples",
+                       "plots", "resume", "threads"}
 # The data fields added after the first words-mode checkpoints, with the values that give such a checkpoint the
 # data it was trained on: contexts within sentences, every word kept, the text lower-cased (as the tokenizer always
 # did then) and the vocabulary counted over all three splits. Characters mode did not change: the defaults give it.
@@ -71,6 +73,20 @@ def lrs_of(cfg: TrainConfig, start: int, n: int) -> torch.Tensor:
     if cfg.lr_schedule == "inverse":
         return inverse_lr_schedule(cfg.lr, cfg.lr_decay_rate, start, n)
     return lr_schedule(cfg.lr, cfg.lr_decay_step, cfg.lr_after, start, n)
+
+
+def steps_per_epoch(train_examples: int, batch_size: int) -> int:
+    """The steps of one epoch: ceil(train_examples / batch_size). Minibatches are drawn with replacement, so an
+    epoch is that many steps, not one pass over every example."""
+    return max(1, -(-train_examples // batch_size))
+
+
+def with_epochs(cfg: TrainConfig, epoch_steps: int) -> TrainConfig:
+    """cfg with its epochs turned into steps, the dev loss evaluated every epoch unless eval_every says otherwise;
+    cfg itself without epochs."""
+    if cfg.epochs is None:
+        return cfg
+    return dataclasses.replace(cfg, steps=cfg.epochs * epoch_steps, eval_every=cfg.eval_every or epoch_steps)
 
 
 def init_of(cfg: TrainConfig) -> str:
@@ -132,11 +148,11 @@ def resolve_config(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, "Checkpo
         if name not in RESUMABLE_OVERRIDES and saved[name] != value:
             raise CLIError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]}; "
                            "a resumed run keeps its model, data and schedule")
-    cfg = dataclasses.replace(TrainConfig(**{**saved, **{k: given[k] for k in given if k in RESUMABLE_OVERRIDES}}),
-                              resume=cfg.resume)
-    if ckpt.extra.get("step", 0) >= cfg.steps:
-        raise CLIError(f"the checkpoint is at step {ckpt.extra.get('step')}: pass --steps above it to continue")
-    return cfg, ckpt
+    overrides = {k: given[k] for k in given if k in RESUMABLE_OVERRIDES}
+    if "steps" in given and "epochs" not in given:
+        overrides["epochs"] = None  # --steps sets the new total of a run trained by --epochs
+    # Whether the checkpoint is past the new total is train.setup's check: --epochs' steps need the data.
+    return dataclasses.replace(TrainConfig(**{**saved, **overrides}), resume=cfg.resume), ckpt
 
 
 def checkpoint_config(saved: dict, path) -> TrainConfig:

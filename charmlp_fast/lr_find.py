@@ -25,7 +25,7 @@ if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile e
 import torch  # noqa: E402
 
 from charmlp_fast.checkpoint import atomic_write  # noqa: E402
-from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of  # noqa: E402
+from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of, with_token_defaults  # noqa: E402
 from charmlp_fast.data import load_corpus_for  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
 from charmlp_fast.steppers import Stepper, select_stepper  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = vars(p.parse_args(argv))
     steps, lo, hi, out = args.pop("steps"), args.pop("lo"), args.pop("hi"), args.pop("out")
-    cfg = dataclasses.replace(TrainConfig(), **args)  # the model and data flags
+    cfg = with_token_defaults(dataclasses.replace(TrainConfig(), **args), args, lengths=False)  # model, data flags
     if not lo < hi:
         p.error(f"--lo {lo:g} must be below --hi {hi:g}")
     if not -FLOAT32_EXPONENT <= lo < hi <= FLOAT32_EXPONENT:

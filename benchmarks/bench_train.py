@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -283,12 +282,7 @@ def main(argv=None) -> int:
     }
     md = render_markdown(meta, rows, args.steps)
     print("\n" + md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_train_{device.type}_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    (out / f"{stem}.md").write_text(md)
-    print(f"wrote {out / stem}.json and .md")
+    machine.write_report(args.out, f"bench_train_{device.type}", {"meta": meta, "results": rows}, md)
     return 0
 
 

@@ -204,12 +204,7 @@ def main(argv=None) -> int:
             "warmup": args.warmup, "peak_gflops": machine.peak_fp32_flops(torch.get_num_threads()) / 1e9}
     md = render_markdown(meta, rows)
     print("\n" + md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_words_cpu_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    (out / f"{stem}.md").write_text(md)
-    print(f"wrote {out / stem}.json and .md")
+    machine.write_report(args.out, "bench_words_cpu", {"meta": meta, "results": rows}, md)
     return 0
 
 

@@ -1,11 +1,15 @@
 """What the benchmarks need to know about the CPU they run on: its name, clock and peak FP32 rate, and a measured
-memory bandwidth, so that CPU results can be set against a floor as the GPU ones are; and the git revision that ran."""
+memory bandwidth, so that CPU results can be set against a floor as the GPU ones are; the git revision that ran, and
+where a report is written."""
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -68,3 +72,14 @@ def git_rev() -> str:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def write_report(out_dir: str | os.PathLike, prefix: str, report: dict, markdown: str) -> Path:
+    """The benchmark's report as <prefix>_<date>.json (report) and .md (markdown) in out_dir, printing where."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{prefix}_{datetime.datetime.now().strftime('%Y%m%d_%H%M%S')}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown)
+    print(f"wrote {stem}.json and .md")
+    return stem

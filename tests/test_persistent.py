@@ -123,6 +123,15 @@ def minibatch_row(seed, step, row, n):
     return (u * n) >> 64
 
 
+def use_products(monkeypatch, device, gemm: str, sizes) -> None:
+    """The CPU loop's products as `gemm` says (CHARMLP_CPU_GEMM); on the CUDA kernel, skip sizes it does not plan."""
+    monkeypatch.setenv("CHARMLP_CPU_GEMM", gemm)
+    if runs_cuda_kernels(device):
+        reason, _ = ops.cuda_plan(*sizes)
+        if reason:
+            pytest.skip(reason)
+
+
 def run_op(params, X, Y, lrs, **kw):
     """sgd_train on copies of params -> (losses, params)."""
     params = [p.clone() for p in params]
@@ -193,11 +202,7 @@ IMPLS = [pytest.param("cpu", "simd", id="cpu-simd"), pytest.param("cpu", "blas",
 def test_matches_reference_first_100_steps(device, gemm, V, T, E, H, B, index_dtype, monkeypatch):
     """Same minibatch indices: per-step losses and the parameters after 1, 10, 50 and 100 steps match the plain
     PyTorch loop to <= 1e-4 relative (also checks a run cut into chunks at those steps)."""
-    monkeypatch.setenv("CHARMLP_CPU_GEMM", gemm)
-    if runs_cuda_kernels(device):
-        reason, _ = ops.cuda_plan(V, T, E, H, B)
-        if reason:
-            pytest.skip(reason)
+    use_products(monkeypatch, device, gemm, (V, T, E, H, B))
     X, Y = make_data(V, T, 3000, seed=V * 100 + H, dtype=index_dtype)
     params = init_params(V, T, E, H, seed=H)
     g = torch.Generator().manual_seed(B)
@@ -243,11 +248,7 @@ def test_direct_connections_and_weight_decay_match_reference(device, gemm, V, T,
     """sgd_train with W2 (M, H + T*E, V) and weight_decay: per-step losses and the final parameters match the plain
     PyTorch loop of the paper's model (direct_forward, decay on the weights only) to <= 1e-4 relative. The CUDA
     kernel has no direct connections: it says so."""
-    monkeypatch.setenv("CHARMLP_CPU_GEMM", gemm)
-    if runs_cuda_kernels(device):
-        reason, _ = ops.cuda_plan(V, T, E, H, B)
-        if reason:
-            pytest.skip(reason)
+    use_products(monkeypatch, device, gemm, (V, T, E, H, B))
     X, Y = make_data(V, T, 2000, seed=V + H)
     params = init_params(V, T, E, H, seed=H)
     if direct:
@@ -307,11 +308,7 @@ def test_first_step_loss_equals_the_per_op_loss(device, gemm, V, T, E, H, B, cas
     on the same parameters and minibatch) and of float64 PyTorch, to the op tests' float32 tolerance (1e-5, see
     test_cross_entropy.py), also where the target's logit dominates every row (loss ~5e-8): only a loss computed
     as log1p(sum_{j != t} exp(x_j - x_t)) keeps its digits there, max + log(sum) - x_t rounds it to 0 or ~2e-6."""
-    monkeypatch.setenv("CHARMLP_CPU_GEMM", gemm)
-    if runs_cuda_kernels(device):
-        reason, _ = ops.cuda_plan(V, T, E, H, B)
-        if reason:
-            pytest.skip(reason)
+    use_products(monkeypatch, device, gemm, (V, T, E, H, B))
     X, Y = make_data(V, T, 500, seed=V + H)
     params = init_params(V, T, E, H, seed=H)
     if case == "target_dominates":

@@ -52,10 +52,11 @@ IMPL_CHOICES = ("auto", *STEPPER_IMPLS)
 # sits far below the bound; --lr 1e6 reaches millions.
 DIVERGENCE_FACTOR = 10.0
 # The persistent stepper runs a call's steps inside C++ (or one kernel), where Python signal handlers cannot run: a
-# chunk is cut into calls of about this many multiply-adds (steps x B*H*(T*E+V); a fraction of a second on a CPU
-# core), so that a second Ctrl-C aborts promptly. Cut calls give the same parameters and losses as one call, bit for
-# bit (Philox minibatches keyed by step).
-CALL_WORK = 2 ** 28
+# chunk is cut into calls of about this many multiply-adds (steps x B*H*(T*E+V); a few tenths of a second on a CPU
+# core), so that a second Ctrl-C aborts promptly. Not fewer: every call loads and stores the parameters in the loop's
+# layouts, which at a word vocabulary costs as much as a few steps. Cut calls give the same parameters and losses as
+# one call, bit for bit (Philox minibatches keyed by step).
+CALL_WORK = 2 ** 31
 
 
 def build_parser() -> ArgumentParser:

@@ -51,6 +51,13 @@ def quiet_interrupts() -> None:
     signal.signal(signal.SIGINT, _StartupInterrupt())
 
 
+def say(line: str) -> None:
+    """One line on stderr in one write: under torchrun several processes share the stream, and print's separate
+    write of the newline (stderr is unbuffered with PYTHONUNBUFFERED) could let another process's line in between."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
     from charmlp_fast.checkpoint import CheckpointError
     from charmlp_fast.data import DataError
@@ -59,19 +66,19 @@ def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: li
     if isinstance(startup, _StartupInterrupt):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt from here on
         if startup.pending:
-            print(f"{prog}: interrupted during start-up", file=sys.stderr)
+            say(f"{prog}: interrupted during start-up")
             sys.exit(EXIT_INTERRUPTED)
     try:
         code = main(argv)
     except (CLIError, DataError, CheckpointError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        say(f"{prog}: error: {e}")
         sys.exit(EXIT_ERROR)
     except OSError as e:  # e.g. the disk filled up while writing an output; what was written before stays valid
         where = f"{e.filename}: " if e.filename else ""
-        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        say(f"{prog}: error: {where}{e.strerror or e}")
         sys.exit(EXIT_OS_ERROR)
     except KeyboardInterrupt:  # during start-up, or a second Ctrl-C: the last checkpoint on disk stays intact
-        print(f"{prog}: interrupted", file=sys.stderr)
+        say(f"{prog}: interrupted")
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(code or 0)
 

@@ -166,7 +166,7 @@ def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, words
 
 def test_a_chunk_cut_into_calls_equals_one_call(words_file):
     from charmlp_fast.steppers import PersistentStepper, lr_schedule
-    from charmlp_fast.train import run_chunk, steps_per_call
+    from charmlp_fast.train import CALL_WORK, run_chunk, steps_per_call
 
     corpus = load_corpus(words_file, 3)
     X, Y = corpus.splits["train"]
@@ -176,7 +176,8 @@ def test_a_chunk_cut_into_calls_equals_one_call(words_file):
     cut = run_chunk(PersistentStepper(models[1], X, Y, 32, 1), 5, lrs, 7)  # the second Ctrl-C is seen between calls
     assert torch.equal(whole, cut)
     assert all(torch.equal(p, q) for p, q in zip(models[0].params(), models[1].params()))
-    assert steps_per_call("persistent", 2 ** 20) == 2 ** 8 and steps_per_call("graph", 2 ** 20) == 300
+    assert steps_per_call("persistent", 2 ** 20) == CALL_WORK // 2 ** 20
+    assert steps_per_call("graph", 2 ** 20) == -(-(CALL_WORK // 2 ** 20) // 100) * 100  # whole graphs of 100 steps
     assert steps_per_call("reference", 1) >= 10 ** 9  # the eager loops are never cut: Python runs between steps
 
 

@@ -104,7 +104,7 @@ def test_eager_weight_decay_is_on_the_weights_only(kernels):
     _, loss = probe(X[rows], Y[rows])
     grads = torch.autograd.grad(loss, probe.params())
     stepper.run(0, torch.tensor([lr]))
-    for k, (name, p, p0, g) in enumerate(zip(("C", "W1", "b1", "W2", "b2"), model.params(), before, grads)):
+    for name, p, p0, g in zip(("C", "W1", "b1", "W2", "b2"), model.params(), before, grads):
         decayed = p0 * (1 - lr * wd) if name in ("C", "W1", "W2") else p0
         assert_close(p.detach(), decayed - lr * g, rtol=1e-5, atol=1e-7, name=name)
     with pytest.raises(ValueError, match="EagerStepper: weight_decay must be finite and >= 0, got -1"):

@@ -19,9 +19,10 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,29 +146,51 @@ def deferred_sigint():
     at once (KeyboardInterrupt; the last checkpoint on disk stays intact). Nested inside another, it shares that
     one's state: under torchrun the signals are deferred from the process group's set-up on (a rank interrupted
     while another sets up would leave that one waiting in its first collective), and a signal before the chunk
-    loop stops the loop at its first chunk."""
+    loop stops the loop at its first chunk.
+
+    Python runs a handler only between bytecodes, once per signal number however many arrived meanwhile: two
+    Ctrl-Cs inside one long native call (a persistent stepper's call) would reach the handler as one. So the
+    signals are also counted through the wakeup fd, where the interpreter writes one byte per signal as it
+    arrives, and the handler aborts when it finds two."""
     outer = signal.getsignal(signal.SIGINT)
     if hasattr(outer, "deferred_state"):
         yield outer.deferred_state
         return
     state = {"interrupted": False, "signal": None}
+    wakeup_read, wakeup_write = socket.socketpair()
+    for sock in (wakeup_read, wakeup_write):
+        sock.setblocking(False)
+
+    def arrived() -> int:
+        """The SIGINTs and SIGTERMs that arrived since the last call."""
+        count = 0
+        with suppress(BlockingIOError):
+            while data := wakeup_read.recv(4096):
+                count += sum(byte in (signal.SIGINT, signal.SIGTERM) for byte in data)
+        return count
 
     def handler(signum, frame):
-        if state["interrupted"]:
+        again = state["interrupted"] or arrived() >= 2
+        if not state["interrupted"]:
+            state["interrupted"], state["signal"] = True, signum
+        if again:
             raise KeyboardInterrupt
-        state["interrupted"], state["signal"] = True, signum
 
     handler.deferred_state = state
     try:
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous_wakeup = signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
     except ValueError:  # not the main thread: leave the signals alone
+        wakeup_read.close(), wakeup_write.close()
         yield state
         return
     try:
         yield state
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
         for sig, old in previous.items():
             signal.signal(sig, old)
+        wakeup_read.close(), wakeup_write.close()
 
 
 class TrainingDiverged(CLIError):

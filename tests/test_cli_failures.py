@@ -408,6 +408,52 @@ def test_a_second_ctrl_c_during_the_checkpoint_write(tmp_path, words_file):
     assert len(jsonl(out / "metrics.jsonl")) == 1
 
 
+def native_call(seconds: float):
+    """A function that runs about `seconds` in one native call, during which Python runs no signal handler."""
+    import hashlib
+
+    t0 = time.perf_counter()
+    hashlib.pbkdf2_hmac("sha256", b"x", b"y", 20_000)
+    rounds = max(20_000, int(20_000 * seconds / max(time.perf_counter() - t0, 1e-6)))
+    return lambda: hashlib.pbkdf2_hmac("sha256", b"x", b"y", rounds)
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_two_signals_inside_one_native_call_abort(second):
+    # Python calls a handler once for signals that arrived during one native call (a long persistent call): the
+    # second must still abort, not merge into the first.
+    import threading
+
+    from charmlp_fast.train import deferred_sigint
+
+    call = native_call(1.0)
+    sent, before = [], signal.getsignal(signal.SIGINT)
+
+    def send():
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        os.kill(os.getpid(), second)
+        sent.append(time.perf_counter())
+
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint() as state:
+            sender = threading.Thread(target=send)
+            sender.start()
+            call()
+            assert sent and time.perf_counter() > sent[0], "the call ended before both signals were sent"
+            for _ in range(100):  # the handler runs between these bytecodes
+                pass
+    sender.join()
+    assert state["interrupted"] and signal.getsignal(signal.SIGINT) is before  # restored
+    with deferred_sigint() as state:  # one signal in a call only asks to stop
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        call()
+        for _ in range(100):
+            pass
+        assert state["interrupted"] and state["signal"] == signal.SIGINT
+
+
 def test_ctrl_c_during_start_up_has_no_traceback(tmp_path, words_file):
     for delay in (0.5, 1.5):  # while torch is imported, then while the data is read or training starts
         proc = start_trainer(words_file, tmp_path / f"out{delay}")

@@ -18,6 +18,11 @@ over the vocabulary. A context never seen in training leaves P_k = P_{k-1}.
 
 Counting is vectorised (one int64 id per suffix of the events, SuffixIds), so a million-token corpus takes
 seconds.
+
+--mix CKPT also scores a trained MLP on the same events and its mixture with the n-gram,
+    P(w | h) = lam P_MLP(w | h) + (1 - lam) P_KN(w | h),
+the paper's "mix" models (Table 1: the network's probabilities averaged with an interpolated trigram's, lam = 0.5),
+and the same mixture with lam fitted on the dev split (its maximum-likelihood weight).
 """
 from __future__ import annotations
 
@@ -34,10 +39,11 @@ if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile e
     quiet_interrupts()
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from charmlp_fast.checkpoint import atomic_write  # noqa: E402
-from charmlp_fast.config import TrainConfig, add_data_arguments  # noqa: E402
-from charmlp_fast.data import load_corpus_for  # noqa: E402
+from charmlp_fast.config import TrainConfig, add_data_arguments, checkpoint_config, with_token_defaults  # noqa: E402
+from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 
 
 class SuffixIds:
@@ -138,6 +144,92 @@ class KneserNey:
         return total / max(len(Y), 1)
 
 
+# ---- mixing with the MLP --------------------------------------------------------------------------------------
+
+PAPER_MIX_WEIGHT = 0.5  # Bengio et al. 2003, section 4.1: "mixture ... with a weight of 0.5"
+
+
+@torch.no_grad()
+def mlp_prob(model, X: torch.Tensor, Y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """P_MLP(Y | X) (N,) float64 for the events X (N, T), Y (N,) of a CharMLP (kernels="reference")."""
+    out = [torch.exp(-F.cross_entropy(model(X[i:i + chunk])[0], Y[i:i + chunk], reduction="none").double())
+           for i in range(0, len(Y), chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def mix_loss(p_mlp: torch.Tensor, p_kn: torch.Tensor, lam: float) -> float:
+    """Mean negative log-likelihood of lam P_MLP + (1 - lam) P_KN."""
+    return -(lam * p_mlp + (1 - lam) * p_kn).log().mean().item()
+
+
+def fit_mix_weight(p_mlp: torch.Tensor, p_kn: torch.Tensor) -> float:
+    """The lam in [0, 1] that maximises the likelihood of the mixture on these events. The log-likelihood is concave
+    in lam, its derivative mean((p_mlp - p_kn) / (lam p_mlp + (1 - lam) p_kn)) falls with lam: an end of [0, 1]
+    where the derivative does not change sign there, else the root found by bisection (to float64 resolution)."""
+    def slope(lam: float) -> float:
+        return ((p_mlp - p_kn) / (lam * p_mlp + (1 - lam) * p_kn)).mean().item()
+
+    if slope(0.0) <= 0:
+        return 0.0
+    if slope(1.0) >= 0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def mixed_losses(checkpoint: str, cfg: TrainConfig, kn: KneserNey, kn_corpus: Corpus, lam: float) -> dict:
+    """The MLP of `checkpoint` on the n-gram's dev and test events, and its mixtures with the n-gram (weight lam, and
+    the weight fitted on dev): {"mlp": {split: loss}, "mix": ..., "mix_fitted": ..., "fitted_weight", "sizes"}."""
+    from charmlp_fast.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    corpus = load_corpus_for(dataclasses.replace(cfg, block_size=ckpt.sizes["block_size"]))
+    if corpus.vocab.itos != ckpt.vocab.itos:
+        raise CLIError(f"{checkpoint}: the data no longer gives the vocabulary the model was trained with "
+                       f"({len(corpus.vocab):,} tokens against its {len(ckpt.vocab):,}): was the corpus changed?")
+    model = ckpt.model()
+    probs = {}
+    for split in ("dev", "test"):
+        (X, Y), (Xk, Yk) = corpus.splits[split], kn_corpus.splits[split]
+        if not torch.equal(Y, Yk):  # the same targets in the same order, whatever the context length
+            raise CLIError(f"the MLP's {split} events differ from the n-gram's; they cannot be mixed")
+        probs[split] = mlp_prob(model, X, Y), kn.prob(Xk, Yk)
+    fitted = fit_mix_weight(*probs["dev"])
+    return {"sizes": ckpt.sizes, "fitted_weight": fitted,
+            "mlp": {s: -p.log().mean().item() for s, (p, _) in probs.items()},
+            "mix": {s: mix_loss(p, q, lam) for s, (p, q) in probs.items()},
+            "mix_fitted": {s: mix_loss(p, q, fitted) for s, (p, q) in probs.items()}}
+
+
+def data_config(given: dict, order: int, checkpoint: str | None) -> TrainConfig:
+    """The corpus flags of the run: the checkpoint's (a data flag given as well must agree with it), else the given
+    ones with the defaults of their token kind (train's: --tokens words means --min-count 4 here too)."""
+    if checkpoint is None:
+        cfg = with_token_defaults(dataclasses.replace(TrainConfig(), **given), given, lengths=False)
+    else:
+        from charmlp_fast.checkpoint import load_checkpoint
+
+        cfg = checkpoint_config(load_checkpoint(checkpoint).config, checkpoint)
+        for name, value in given.items():
+            if getattr(cfg, name) != value:
+                raise CLIError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
+                               f"{getattr(cfg, name)!r}: --mix scores the data its model was trained on")
+    return dataclasses.replace(cfg, block_size=order - 1)
+
+
+def mix_weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m charmlp_fast.ngram", description=__doc__.split("\n\n")[0],
                        argument_default=argparse.SUPPRESS)
@@ -145,15 +237,21 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--order", type=positive_int, default=3, help="n: tokens per n-gram, the target included "
                                                                  "(default 3: a context of 2)")
     p.add_argument("--out", default=None, help="also write ngram.json (losses, perplexities) into this directory")
+    p.add_argument("--mix", metavar="CKPT", default=None,
+                   help="also score this checkpoint's MLP and its mixture with the n-gram on dev and test (the data "
+                        "flags are the checkpoint's)")
+    p.add_argument("--mix-weight", type=mix_weight, default=PAPER_MIX_WEIGHT,
+                   help=f"lam of the mixture lam P_MLP + (1 - lam) P_KN (default {PAPER_MIX_WEIGHT}, the paper's); "
+                        "the weight fitted on dev is reported too")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))
-    order, out = given.pop("order"), given.pop("out")
+    order, out, checkpoint, lam = given.pop("order"), given.pop("out"), given.pop("mix"), given.pop("mix_weight")
     if order < 2:
         raise CLIError("--order must be at least 2 (a context of one token)")
-    cfg = dataclasses.replace(TrainConfig(), **given, block_size=order - 1)
+    cfg = data_config(given, order, checkpoint)
     corpus = load_corpus_for(cfg)
     model = KneserNey(*corpus.splits["train"], len(corpus.vocab))
     losses = {name: model.loss(X, Y) for name, (X, Y) in corpus.splits.items()}
@@ -162,14 +260,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'split':<6} {'loss':>8} {'ppl':>10}")
     for name, value in losses.items():
         print(f"{name:<6} {value:8.4f} {math.exp(value):10.2f}")
+    record = {"order": order, "vocab_size": len(corpus.vocab), "losses": losses,
+              "ppl": {k: math.exp(v) for k, v in losses.items()}, "discounts": [o.discount for o in model.orders],
+              "data": {k: v for k, v in dataclasses.asdict(cfg).items()
+                       if k in given or k in ("data", "tokens", "min_count", "max_vocab", "lower", "context")}}
+    if checkpoint is not None:
+        mixed = mixed_losses(checkpoint, cfg, model, corpus, lam)
+        print_mixture(checkpoint, mixed, losses, lam)
+        record["mix"] = {"checkpoint": str(checkpoint), "weight": lam, **mixed,
+                         "ppl": {k: {s: math.exp(v) for s, v in mixed[k].items()}
+                                 for k in ("mlp", "mix", "mix_fitted")}}
     if out is not None:
-        data = {k: v for k, v in dataclasses.asdict(cfg).items() if k in given or k in ("data", "tokens")}
-        record = {"order": order, "vocab_size": len(corpus.vocab), "losses": losses,
-                  "ppl": {k: math.exp(v) for k, v in losses.items()}, "discounts": [o.discount for o in model.orders],
-                  "data": data}
         atomic_write(Path(out) / "ngram.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     return 0
 
+
+def print_mixture(checkpoint: str, mixed: dict, kn_losses: dict, lam: float) -> None:
+    sizes, fitted = mixed["sizes"], mixed["fitted_weight"]
+    print(f"MLP {checkpoint} (block {sizes['block_size']}, embedding {sizes['n_embd']}, hidden {sizes['n_hidden']}"
+          f"{', direct' if sizes.get('direct') else ''}); mix = lam P_MLP + (1 - lam) P_KN, lam {lam:g} and "
+          f"{fitted:.3f} (fitted on dev)")
+    columns = ("KN ppl", "MLP ppl", f"mix {lam:g}", f"mix {fitted:.3f}")
+    print(f"{'split':<6} " + " ".join(f"{c:>10}" for c in columns))
+    for split in ("dev", "test"):
+        values = (kn_losses[split], mixed["mlp"][split], mixed["mix"][split], mixed["mix_fitted"][split])
+        print(f"{split:<6} " + " ".join(f"{math.exp(v):10.2f}" for v in values))
 
 if __name__ == "__main__":
     run_main("charmlp_fast.ngram", main)

@@ -103,3 +103,93 @@ def test_cli_prints_loss_and_perplexity_per_split_and_writes_json(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "charmlp_fast.ngram: error: --order must be at least 2 (a context of one token)")
+
+
+# ---- the mixture with the MLP (--mix) -------------------------------------------------------------------------
+
+def test_the_fitted_mixture_weight_is_the_likelihood_maximum():
+    from charmlp_fast.ngram import fit_mix_weight, mix_loss
+
+    g = torch.Generator().manual_seed(5)
+    p_mlp = torch.rand(5000, generator=g, dtype=torch.float64) * 0.5 + 1e-3
+    p_kn = torch.rand(5000, generator=g, dtype=torch.float64) ** 3 + 1e-3
+    lam = fit_mix_weight(p_mlp, p_kn)
+    grid = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    best = grid[torch.tensor([mix_loss(p_mlp, p_kn, float(w)) for w in grid]).argmin()].item()
+    assert 0 < lam < 1 and abs(lam - best) <= 2e-3
+    assert mix_loss(p_mlp, p_kn, lam) <= min(mix_loss(p_mlp, p_kn, w) for w in (best, 0.0, 0.5, 1.0)) + 1e-12
+    assert mix_loss(p_mlp, p_kn, 1.0) == pytest.approx(-p_mlp.log().mean().item(), abs=1e-12)
+    assert mix_loss(p_mlp, p_kn, 0.0) == pytest.approx(-p_kn.log().mean().item(), abs=1e-12)
+
+
+@pytest.fixture
+def trained_words(tmp_path):
+    """A small word model trained on a generated train/valid/test.txt layout: (data dir, its run's metrics)."""
+    from charmlp_fast.config import TrainConfig
+    from charmlp_fast.train import train
+
+    g = torch.Generator().manual_seed(11)
+    words = [f"w{i}" for i in range(40)]
+
+    def lines(n):  # each word tends to be followed by the next one: an order-2 dependency and noise
+        out = []
+        for _ in range(n):
+            start = int(torch.randint(0, 40, (1,), generator=g))
+            out.append(" ".join(words[(start + int(k) + int(torch.randint(0, 2, (1,), generator=g))) % 40]
+                                for k in range(6)))
+        return "\n".join(out) + "\n"
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for name, n in (("train.txt", 600), ("valid.txt", 80), ("test.txt", 80)):
+        (data / name).write_text(lines(n), encoding="utf-8")
+    cfg = TrainConfig(data=str(data), tokens="words", block_size=3, n_embd=8, n_hidden=32, steps=3000, log_every=1000,
+                      device="cpu", impl="reference", out=str(tmp_path / "run"), num_samples=0, plots=False)
+    return data, train(cfg, progress=False).metrics
+
+
+def test_mix_scores_the_checkpoint_as_train_did_and_the_fitted_mixture_is_best_on_dev(tmp_path, trained_words,
+                                                                                        capsys):
+    from charmlp_fast.ngram import main
+
+    data, metrics = trained_words
+    assert main(["--order", "3", "--mix", str(tmp_path / "run" / "model.safetensors"), "--mix-weight", "0.3",
+                 "--out", str(tmp_path / "ng")]) == 0
+    saved = json.loads((tmp_path / "ng" / "ngram.json").read_text())
+    mix = saved["mix"]
+    assert saved["data"]["data"] == str(data) and mix["weight"] == 0.3
+    for split in ("dev", "test"):  # the MLP's loss on the n-gram's events is the one train reported
+        assert mix["mlp"][split] == pytest.approx(metrics["losses"][split], abs=1e-5)
+    dev = {k: mix[k]["dev"] for k in ("mlp", "mix", "mix_fitted")} | {"kn": saved["losses"]["dev"]}
+    assert dev["mix_fitted"] <= min(dev.values()) + 1e-12
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[-2:]}
+    for split in ("dev", "test"):
+        printed = [float(v) for v in rows[split]]
+        expected = [math.exp(v) for v in (saved["losses"][split], mix["mlp"][split], mix["mix"][split],
+                                          mix["mix_fitted"][split])]
+        assert printed == pytest.approx(expected, abs=0.006)
+
+
+def test_mix_refuses_other_data_flags_and_a_changed_corpus(tmp_path, trained_words):
+    from charmlp_fast.cli import CLIError
+    from charmlp_fast.ngram import main
+
+    data, _ = trained_words
+    ckpt = str(tmp_path / "run" / "model.safetensors")
+    with pytest.raises(CLIError, match=r"^--min-count 2 differs from the checkpoint's 1: --mix scores the data its "
+                                       r"model was trained on$"):
+        main(["--mix", ckpt, "--min-count", "2"])
+    main(["--mix", ckpt, "--tokens", "words", "--data", str(data), "--order", "2"])  # the same values are fine
+    (data / "train.txt").write_text("w1 w2 w3\n" * 50, encoding="utf-8")
+    with pytest.raises(CLIError, match=r"the data no longer gives the vocabulary the model was trained with"):
+        main(["--mix", ckpt])
+
+
+def test_words_take_trains_vocabulary_defaults(tmp_path, trained_words):
+    from charmlp_fast.ngram import main
+
+    data, _ = trained_words
+    main(["--tokens", "words", "--data", str(data), "--out", str(tmp_path / "a")])
+    main(["--tokens", "words", "--data", str(data), "--min-count", "2", "--out", str(tmp_path / "b")])
+    assert json.loads((tmp_path / "a" / "ngram.json").read_text())["data"]["min_count"] == 4  # as train's
+    assert json.loads((tmp_path / "b" / "ngram.json").read_text())["data"]["min_count"] == 2

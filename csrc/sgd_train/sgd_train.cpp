@@ -66,6 +66,31 @@ constexpr int64_t kSplitWork = int64_t(1) << 22;
 constexpr int64_t kMinTiles = 4;
 constexpr int64_t kMinTileWidth = 16;
 
+// Fortran BLAS sgemm (column-major), exported by the libtorch that bundles MKL; null where torch uses another
+// BLAS, and at::addmm_ computes the tiles instead. Called directly because a tile is a few microseconds of
+// arithmetic, and at::addmm_ on views (dispatch, two narrows, checks) adds a fixed cost to each of the ~130 tiles
+// of a step at V 16,383.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+// A row-major operand X (rows, cols), contiguous along one of its dimensions, as column-major BLAS takes it: the
+// memory of X is X^T column-major (op 'N' gives X^T), that of a transposed view is X column-major ('T' gives X^T).
+struct BlasOperand {
+  const float* data;
+  int64_t row_stride, col_stride;
+  char op;
+  int ld;
+  explicit BlasOperand(const at::Tensor& x)
+      : data(x.data_ptr<float>()),
+        row_stride(x.stride(0)),
+        col_stride(x.stride(1)),
+        op(x.stride(1) == 1 ? 'N' : 'T'),
+        ld(static_cast<int>(std::max<int64_t>(1, x.stride(1) == 1 ? x.stride(0) : x.stride(1)))) {
+    TORCH_INTERNAL_ASSERT(x.stride(1) == 1 || x.stride(0) == 1, "blas_gemm: an operand without a unit stride");
+  }
+};
+
 // out (R, N) = beta * out + alpha * (a (R, K) @ b (K, N)), the products of the CPU loop's BLAS path (beta 0: out =
 // alpha * a @ b). Why not one BLAS call: the summation order of a call may depend on how many threads the library
 // gives it (MKL's does, on some CPUs), so a model trained alone with two threads would differ from the same model
@@ -82,14 +107,29 @@ void blas_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   if (R * N * K >= kSplitWork) tiles = std::max(tiles, std::min(kMinTiles, D / kMinTileWidth));
   tiles = std::max<int64_t>(tiles, 1);
   const int64_t tile = (D + tiles - 1) / tiles;  // tiles of (nearly) equal size: no sliver of a few rows at the end
+  TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && std::max({R, N, K}) < (int64_t(1) << 31));
+  const BlasOperand A(a), Bm(b);
+  float* const C = out.data_ptr<float>();
+  const int ldc = static_cast<int>(std::max<int64_t>(1, out.stride(0)));
+  // Rows [begin, begin + len) of out (and of a), or its columns (and b's): out^T = b^T @ a^T, column-major.
+  const auto one_tile = [&](int64_t begin, int64_t len) {
+    if (sgemm_ == nullptr) {
+      out.narrow(by_rows ? 0 : 1, begin, len)
+          .addmm_(by_rows ? a.narrow(0, begin, len) : a, by_rows ? b : b.narrow(1, begin, len), beta, alpha);
+      return;
+    }
+    const int m = static_cast<int>(by_rows ? N : len), n = static_cast<int>(by_rows ? len : R);
+    const int k = static_cast<int>(K);
+    const float* a_tile = A.data + (by_rows ? begin * A.row_stride : 0);
+    const float* b_tile = Bm.data + (by_rows ? 0 : begin * Bm.col_stride);
+    float* c_tile = C + (by_rows ? begin * out.stride(0) : begin);
+    sgemm_(&Bm.op, &A.op, &m, &n, &k, &alpha, b_tile, &Bm.ld, a_tile, &A.ld, &beta, c_tile, &ldc);
+  };
   auto run = [&](int64_t lo, int64_t hi) {
     const SequentialBlas sequential;
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t begin = t * tile, len = std::min(tile, D - begin);
-      const at::Tensor o = out.narrow(by_rows ? 0 : 1, begin, len);
-      const at::Tensor x = by_rows ? a.narrow(0, begin, len) : a;
-      const at::Tensor y = by_rows ? b : b.narrow(1, begin, len);
-      o.addmm_(x, y, beta, alpha);  // beta 0 ignores what out held, as BLAS does
+      const int64_t begin = t * tile;
+      one_tile(begin, std::min(tile, D - begin));
     }
   };
   // Fork only when the product repays it (as Kernels::maybe_parallel in sgd_train_cpu_kernels.h decides).

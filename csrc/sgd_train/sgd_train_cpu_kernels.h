@@ -375,8 +375,10 @@ struct BlasProducts {
   }
   static CHARMLP_CPU_INLINE void logits(Workspace& ws, const float* b2) {
     blas_gemm(ws.t_logit.view({ws.B, ws.Vp}), ws.t_h.view({ws.B, ws.Hp}), ws.t_W2T.view({ws.Vp, ws.Hp}).t());
-    for (int64_t r = 0; r < ws.B; ++r)
-      for (int64_t v = 0; v < ws.V; ++v) ws.logit[r * ws.Vp + v] += b2[v];
+    K::maybe_parallel(ws.B, ws.B * ws.V * 16, [&](int64_t lo, int64_t hi) CHARMLP_CPU_INLINE_LAMBDA {
+      for (int64_t r = lo; r < hi; ++r)
+        for (int64_t v = 0; v < ws.V; ++v) ws.logit[r * ws.Vp + v] += b2[v];
+    });
   }
   static CHARMLP_CPU_INLINE void dpre(Workspace& ws) {
     const int64_t B = ws.B, Hp = ws.Hp;
@@ -529,14 +531,17 @@ CHARMLP_CPU_INLINE void backward_products(Workspace& ws, float* b2, float lr, fl
   const int64_t B = ws.B, V = ws.V, Hp = ws.Hp;
   P::dpre(ws);
   P::update_W2(ws, lr, decay);
-  // b2 -= lr * (the column sums of dl), summed over b in order, row by row along the contiguous logits.
+  // b2 -= lr * (the column sums of dl), each summed over b in order (whatever the columns' split over the threads),
+  // row by row along the contiguous logits.
   float* colsum = ws.dlT;  // free again after update_W2: V floats of it
-  std::fill(colsum, colsum + V, 0.f);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = ws.logit + b * ws.Vp;
-    for (int64_t v = 0; v < V; ++v) colsum[v] += row[v];
-  }
-  for (int64_t v = 0; v < V; ++v) b2[v] -= lr * colsum[v];
+  Kernels<I>::maybe_parallel(V, B * V * 16, [&](int64_t lo, int64_t hi) CHARMLP_CPU_INLINE_LAMBDA {
+    std::fill(colsum + lo, colsum + hi, 0.f);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = ws.logit + b * ws.Vp;
+      for (int64_t v = lo; v < hi; ++v) colsum[v] += row[v];
+    }
+    for (int64_t v = lo; v < hi; ++v) b2[v] -= lr * colsum[v];
+  });
   P::dx(ws);
   if (ws.direct) direct_backward(ws, lr, decay);
   P::update_W1(ws, lr, decay);
@@ -549,17 +554,28 @@ CHARMLP_CPU_INLINE void backward_products(Workspace& ws, float* b2, float lr, fl
 }
 
 // C = decay * C - lr * dC, dC = the rows of dx scattered onto their tokens (in (b, t) order: deterministic).
+// Without weight decay (decay 1) only the rows of the step's B * T tokens change, so only they are visited: a word
+// vocabulary's whole table would be read and written every step. A token that occurs twice finds its dC row
+// already cleared the second time, and C * 1 - lr * 0 is C exactly: the same result as the pass over every row.
 template <typename index_t>
 void embedding_update(const Model<index_t>& md, Workspace& ws, float lr, float decay) {
-  const int64_t E = ws.E;
-  for (int64_t p = 0; p < ws.B * ws.T; ++p) {
+  const int64_t E = ws.E, BT = ws.B * ws.T;
+  for (int64_t p = 0; p < BT; ++p) {
     float* dst = ws.dC + ws.tok[p] * E;
     const float* src = ws.dx + p * E;  // dx (B, TE) is (B*T, E) row by row
     for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
   }
-  for (int64_t q = 0; q < ws.V * E; ++q) {
-    md.C[q] = md.C[q] * decay - lr * ws.dC[q];
-    ws.dC[q] = 0.f;
+  const auto update_row = [&](int64_t v) {
+    float *c = md.C + v * E, *d = ws.dC + v * E;
+    for (int64_t e = 0; e < E; ++e) {
+      c[e] = c[e] * decay - lr * d[e];
+      d[e] = 0.f;
+    }
+  };
+  if (decay == 1.0f) {
+    for (int64_t p = 0; p < BT; ++p) update_row(ws.tok[p]);
+  } else {
+    for (int64_t v = 0; v < ws.V; ++v) update_row(v);
   }
 }
 

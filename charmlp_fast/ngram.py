@@ -21,8 +21,9 @@ seconds.
 
 --mix CKPT also scores a trained MLP on the same events and its mixture with the n-gram,
     P(w | h) = lam P_MLP(w | h) + (1 - lam) P_KN(w | h),
-the paper's "mix" models (Table 1: the network's probabilities averaged with an interpolated trigram's, lam = 0.5),
-and the same mixture with lam fitted on the dev split (its maximum-likelihood weight).
+as the paper's "mix" models (Table 1: the network's probabilities mixed with an interpolated trigram's), with lam
+0.5 (an even average) or --mix-weight, and the same mixture with lam fitted on the dev split (its maximum-likelihood
+weight).
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ class KneserNey:
 
 # ---- mixing with the MLP --------------------------------------------------------------------------------------
 
-PAPER_MIX_WEIGHT = 0.5  # Bengio et al. 2003, section 4.1: "mixture ... with a weight of 0.5"
+DEFAULT_MIX_WEIGHT = 0.5  # an even average of the two models
 
 
 @torch.no_grad()
@@ -240,8 +241,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--mix", metavar="CKPT", default=None,
                    help="also score this checkpoint's MLP and its mixture with the n-gram on dev and test (the data "
                         "flags are the checkpoint's)")
-    p.add_argument("--mix-weight", type=mix_weight, default=PAPER_MIX_WEIGHT,
-                   help=f"lam of the mixture lam P_MLP + (1 - lam) P_KN (default {PAPER_MIX_WEIGHT}, the paper's); "
+    p.add_argument("--mix-weight", type=mix_weight, default=DEFAULT_MIX_WEIGHT,
+                   help=f"lam of the mixture lam P_MLP + (1 - lam) P_KN (default {DEFAULT_MIX_WEIGHT}); "
                         "the weight fitted on dev is reported too")
     return p
 

@@ -42,7 +42,7 @@ if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C meanwhile e
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from charmlp_fast.checkpoint import atomic_write  # noqa: E402
+from charmlp_fast.checkpoint import Checkpoint, atomic_write, load_checkpoint  # noqa: E402
 from charmlp_fast.config import TrainConfig, add_data_arguments, checkpoint_config, with_token_defaults  # noqa: E402
 from charmlp_fast.data import Corpus, load_corpus_for  # noqa: E402
 
@@ -151,8 +151,10 @@ DEFAULT_MIX_WEIGHT = 0.5  # an even average of the two models
 
 
 @torch.no_grad()
-def mlp_prob(model, X: torch.Tensor, Y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """P_MLP(Y | X) (N,) float64 for the events X (N, T), Y (N,) of a CharMLP (kernels="reference")."""
+def mlp_prob(model, X: torch.Tensor, Y: torch.Tensor, logits_per_chunk: int = 1 << 24) -> torch.Tensor:
+    """P_MLP(Y | X) (N,) float64 for the events X (N, T), Y (N,) of a CharMLP (kernels="reference"), in chunks of at
+    most logits_per_chunk logits."""
+    chunk = max(1, logits_per_chunk // model.vocab_size)
     out = [torch.exp(-F.cross_entropy(model(X[i:i + chunk])[0], Y[i:i + chunk], reduction="none").double())
            for i in range(0, len(Y), chunk)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -181,12 +183,11 @@ def fit_mix_weight(p_mlp: torch.Tensor, p_kn: torch.Tensor) -> float:
     return 0.5 * (lo + hi)
 
 
-def mixed_losses(checkpoint: str, cfg: TrainConfig, kn: KneserNey, kn_corpus: Corpus, lam: float) -> dict:
-    """The MLP of `checkpoint` on the n-gram's dev and test events, and its mixtures with the n-gram (weight lam, and
-    the weight fitted on dev): {"mlp": {split: loss}, "mix": ..., "mix_fitted": ..., "fitted_weight", "sizes"}."""
-    from charmlp_fast.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
+def mixed_losses(ckpt: Checkpoint, checkpoint: str, cfg: TrainConfig, kn: KneserNey, kn_corpus: Corpus,
+                 lam: float) -> dict:
+    """The MLP of the checkpoint (read from the path `checkpoint`) on the n-gram's dev and test events, and its
+    mixtures with the n-gram (weight lam, and the weight fitted on dev): {"mlp": {split: loss}, "mix": ...,
+    "mix_fitted": ..., "fitted_weight", "sizes"}."""
     corpus = load_corpus_for(dataclasses.replace(cfg, block_size=ckpt.sizes["block_size"]))
     if corpus.vocab.itos != ckpt.vocab.itos:
         raise CLIError(f"{checkpoint}: the data no longer gives the vocabulary the model was trained with "
@@ -205,15 +206,14 @@ def mixed_losses(checkpoint: str, cfg: TrainConfig, kn: KneserNey, kn_corpus: Co
             "mix_fitted": {s: mix_loss(p, q, fitted) for s, (p, q) in probs.items()}}
 
 
-def data_config(given: dict, order: int, checkpoint: str | None) -> TrainConfig:
-    """The corpus flags of the run: the checkpoint's (a data flag given as well must agree with it), else the given
-    ones with the defaults of their token kind (train's: --tokens words means --min-count 4 here too)."""
-    if checkpoint is None:
+def data_config(given: dict, order: int, ckpt: Checkpoint | None, checkpoint: str | None) -> TrainConfig:
+    """The corpus flags of the run: those of the checkpoint ckpt read from `checkpoint` (a data flag given as well
+    must agree with it), else the given ones with the defaults of their token kind (train's: --tokens words means
+    --min-count 4 here too)."""
+    if ckpt is None:
         cfg = with_token_defaults(dataclasses.replace(TrainConfig(), **given), given, lengths=False)
     else:
-        from charmlp_fast.checkpoint import load_checkpoint
-
-        cfg = checkpoint_config(load_checkpoint(checkpoint).config, checkpoint)
+        cfg = checkpoint_config(ckpt.config, checkpoint)
         for name, value in given.items():
             if getattr(cfg, name) != value:
                 raise CLIError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     order, out, checkpoint, lam = given.pop("order"), given.pop("out"), given.pop("mix"), given.pop("mix_weight")
     if order < 2:
         raise CLIError("--order must be at least 2 (a context of one token)")
-    cfg = data_config(given, order, checkpoint)
+    ckpt = None if checkpoint is None else load_checkpoint(checkpoint)
+    cfg = data_config(given, order, ckpt, checkpoint)
     corpus = load_corpus_for(cfg)
     model = KneserNey(*corpus.splits["train"], len(corpus.vocab))
     losses = {name: model.loss(X, Y) for name, (X, Y) in corpus.splits.items()}
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
               "data": {k: v for k, v in dataclasses.asdict(cfg).items()
                        if k in given or k in ("data", "tokens", "min_count", "max_vocab", "lower", "context")}}
     if checkpoint is not None:
-        mixed = mixed_losses(checkpoint, cfg, model, corpus, lam)
+        mixed = mixed_losses(ckpt, checkpoint, cfg, model, corpus, lam)
         print_mixture(checkpoint, mixed, losses, lam)
         record["mix"] = {"checkpoint": str(checkpoint), "weight": lam, **mixed,
                          "ppl": {k: {s: math.exp(v) for s, v in mixed[k].items()}

@@ -174,8 +174,12 @@ def test_mix_refuses_other_data_flags_and_a_changed_corpus(tmp_path, trained_wor
     from charmlp_fast.cli import CLIError
     from charmlp_fast.ngram import main
 
+    from charmlp_fast.checkpoint import CheckpointError
+
     data, _ = trained_words
     ckpt = str(tmp_path / "run" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        main(["--mix", str(tmp_path / "missing.safetensors")])
     with pytest.raises(CLIError, match=r"^--min-count 2 differs from the checkpoint's 1: --mix scores the data its "
                                        r"model was trained on$"):
         main(["--mix", ckpt, "--min-count", "2"])
